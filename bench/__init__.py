@@ -1,0 +1,1 @@
+"""ipshift benchmarks: each measures ipshift and its baseline in the same run."""

@@ -1,0 +1,3 @@
+from ipshift.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""The one `ipshift` command. Each component contributes its subcommands through a
+`register(subparsers)` function in its cli module, listed in COMMAND_MODULES."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import logging.handlers
+import sys
+from collections.abc import Callable, Sequence
+
+from ipshift import __version__
+
+# Modules that add subcommands, in the order they appear in `ipshift --help`.
+COMMAND_MODULES: tuple[str, ...] = (
+    "ipshift.demo",
+    "ipshift.lab.cli",
+    "ipshift.ctl.cli",
+    "ipshift.benchcli",
+)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+def setup_logging(verbosity: int, *, syslog: bool = False) -> None:
+    level = logging.WARNING - 10 * verbosity
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if syslog:
+        try:
+            handlers.append(logging.handlers.SysLogHandler(address="/dev/log"))
+        except OSError:
+            pass  # no syslog daemon here: stderr is enough
+    logging.basicConfig(
+        level=max(level, logging.DEBUG),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ipshift",
+        description="Tools for hosts and routers whose IP addresses do not stay put.",
+    )
+    parser.add_argument("--version", action="version", version=f"ipshift {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(name)
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    setup_logging(args.verbose)
+    try:
+        return handler(args)
+    except UserError as exc:
+        print(f"ipshift: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

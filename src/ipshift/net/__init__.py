@@ -1,0 +1,1 @@
+"""Thin I/O adapters: the one place that talks to the kernel (TUN, sockets, netlink, nftables)."""
