@@ -21,7 +21,7 @@ def _find_checkout() -> Path:
 def _run(args: argparse.Namespace) -> int:
     root = _find_checkout()
     sys.path.insert(0, str(root))
-    from bench import harness  # type: ignore[import-not-found]
+    from bench import harness
 
     if args.list:
         for name, b in harness.load_all().items():

@@ -1,0 +1,60 @@
+"""Wire format of the control channel.
+
+One JSON object per line, UTF-8. A request is {"id": N, "method": "status", "params": {...}};
+the answer is {"id": N, "result": ...} or {"id": N, "error": {"code": "...", "message": "..."}}.
+Codes are short words: "bad-request", "unknown-method", "failed", "busy".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DIR = Path(os.environ.get("IPSHIFT_RUN_DIR", "/run/ipshift"))
+MAX_LINE = 1 << 20  # a control message larger than 1 MiB is a bug or an attack
+
+
+class CtlError(Exception):
+    """An error answer, or a malformed control message."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def to_json(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+def socket_path(name: str, directory: Path | None = None) -> Path:
+    """Default socket of a daemon: /run/ipshift/<name>.sock."""
+    return (directory or DEFAULT_DIR) / f"{name}.sock"
+
+
+def encode_message(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n"
+
+
+def decode_message(line: bytes) -> dict[str, Any]:
+    """Parse one line; raise CtlError("bad-request") for anything that is not a JSON object."""
+    if len(line) > MAX_LINE:
+        raise CtlError("bad-request", f"message longer than {MAX_LINE} bytes")
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CtlError("bad-request", f"not a JSON line: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise CtlError("bad-request", "a control message must be a JSON object")
+    return obj
+
+
+def parse_request(obj: dict[str, Any]) -> tuple[Any, str, dict[str, Any]]:
+    method = obj.get("method")
+    params = obj.get("params", {})
+    if not isinstance(method, str) or not method:
+        raise CtlError("bad-request", "request needs a string 'method'")
+    if not isinstance(params, dict):
+        raise CtlError("bad-request", "'params' must be an object")
+    return obj.get("id"), method, params

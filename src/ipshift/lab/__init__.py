@@ -1,0 +1,5 @@
+"""Network-namespace topologies for tests, demos and benchmarks (never used by a daemon)."""
+
+from ipshift.lab.topology import Lab, LabError, LabProcess, Link, LinkEnd, Node, clean
+
+__all__ = ["Lab", "LabError", "LabProcess", "Link", "LinkEnd", "Node", "clean"]

@@ -1,0 +1,563 @@
+"""Declarative network-namespace labs.
+
+    with Lab("demo") as lab:
+        a = lab.host("a"); r = lab.router("r"); b = lab.host("b")
+        lab.link(a, r, "192.0.2.1/24", "192.0.2.254/24")
+        a.ip("route", "add", "default", "via", "192.0.2.254")
+        server = b.spawn(["iperf3", "-s"])
+
+Every namespace is named `ipsh-<run id>-<node>`; the run is recorded under /run/ipshift/lab/ with
+the owner's PID so that `ipshift lab clean` can remove what a killed run left behind. Leaving the
+`with` block (normally, by exception, or by SIGTERM/SIGINT) stops the processes the lab started and
+deletes its namespaces, which takes every veth, bridge, route and nft table in them along.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, TypeVar
+
+from ipshift.net import netns
+
+log = logging.getLogger("ipshift.lab")
+
+NS_PREFIX = "ipsh-"
+STATE_DIR = Path(os.environ.get("IPSHIFT_LAB_STATE", "/run/ipshift/lab"))
+IFNAMSIZ = 15
+
+T = TypeVar("T")
+
+
+class LabError(RuntimeError):
+    """A lab step failed; the message names the command and what the kernel said."""
+
+
+def _check_run(argv: Sequence[str], *, input: str | None = None, timeout: float = 30) -> str:
+    try:
+        res = subprocess.run(
+            list(argv), input=input, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise LabError(f"timed out after {timeout}s: {' '.join(argv)}") from exc
+    if res.returncode != 0:
+        raise LabError(f"{' '.join(argv)}: {res.stderr.strip() or res.stdout.strip()}")
+    return res.stdout
+
+
+class LabProcess:
+    """A program running inside a lab namespace; output goes to temporary files (no pipe stalls)."""
+
+    def __init__(self, node: Node, argv: Sequence[str], name: str, env: dict[str, str] | None):
+        self.node = node
+        self.argv = list(argv)
+        self.name = name
+        self._out = tempfile.TemporaryFile(mode="w+b")
+        self._err = tempfile.TemporaryFile(mode="w+b")
+        full_env = dict(os.environ)
+        if env:
+            full_env.update(env)
+        # `ip netns exec` enters the namespace and execs the program: the PID is the program's.
+        self.popen = subprocess.Popen(
+            netns.wrap_argv(node.ns, self.argv),
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=self._err,
+            env=full_env,
+            start_new_session=True,
+        )
+        self.pid = self.popen.pid
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def wait(self, timeout: float = 30) -> int:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise LabError(
+                f"{self.name} in {self.node.name} still running after {timeout}s"
+            ) from exc
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.pid, sig)
+
+    def stop(self, timeout: float = 5) -> int:
+        """SIGTERM, then SIGKILL after `timeout`; returns the exit status."""
+        if self.popen.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.popen.wait(timeout)
+        return self.popen.returncode
+
+    def _read(self, f: Any) -> str:
+        f.flush()
+        f.seek(0)
+        data: bytes = f.read()
+        return data.decode(errors="replace")
+
+    def stdout(self) -> str:
+        return self._read(self._out)
+
+    def stderr(self) -> str:
+        return self._read(self._err)
+
+    def wait_for_output(
+        self, text: str, timeout: float = 10, *, stream: str = "any", interval: float = 0.02
+    ) -> bool:
+        """Wait until `text` shows in the output (or the process exits); True if seen."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = (self.stdout() if stream in ("any", "stdout") else "") + (
+                self.stderr() if stream in ("any", "stderr") else ""
+            )
+            if text in out:
+                return True
+            if not self.running() or time.monotonic() > deadline:
+                return False
+            time.sleep(interval)
+
+    def close(self) -> None:
+        self._out.close()
+        self._err.close()
+
+    def __repr__(self) -> str:
+        return f"<LabProcess {self.name} pid={self.pid} in {self.node.name}>"
+
+
+@dataclass
+class LinkEnd:
+    node: Node
+    ifname: str
+    addresses: list[str] = field(default_factory=list)
+
+    @property
+    def ip(self) -> str:
+        """The first address without its prefix length."""
+        return self.addresses[0].split("/")[0]
+
+
+@dataclass
+class Link:
+    a: LinkEnd
+    b: LinkEnd
+
+    def end(self, node: Node) -> LinkEnd:
+        if node is self.a.node:
+            return self.a
+        if node is self.b.node:
+            return self.b
+        raise LabError(f"{node.name} is not on this link")
+
+
+class Node:
+    """One network namespace: a host, a router (forwarding on) or a switch (a bridge)."""
+
+    def __init__(self, lab: Lab, name: str, kind: str):
+        self.lab = lab
+        self.name = name
+        self.kind = kind
+        self.ns = f"{lab.prefix}{name}"
+        self.links: list[Link] = []
+
+    # --- commands -------------------------------------------------------------------------
+    def ip(self, *args: str, timeout: float = 30) -> str:
+        """Run `ip -n <ns> ARGS` and return its output; raise LabError on failure."""
+        return _check_run(["ip", "-n", self.ns, *args], timeout=timeout)
+
+    def ip_batch(self, commands: Iterable[str]) -> None:
+        """Run many `ip` commands in one process (each line as it would follow `ip`)."""
+        text = "\n".join(commands) + "\n"
+        _check_run(["ip", "-n", self.ns, "-batch", "-"], input=text)
+
+    def ip_json(self, *args: str) -> Any:
+        return json.loads(self.ip("-json", *args) or "[]")
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float = 60,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a program inside the namespace and wait for it (bounded by `timeout`)."""
+        full_env = None
+        if env:
+            full_env = dict(os.environ)
+            full_env.update(env)
+        try:
+            res = subprocess.run(
+                netns.wrap_argv(self.ns, argv),
+                input=input,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=full_env,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise LabError(f"{self.name}: timed out after {timeout}s: {' '.join(argv)}") from exc
+        if check and res.returncode != 0:
+            raise LabError(
+                f"{self.name}: {' '.join(argv)} exited {res.returncode}: "
+                f"{(res.stderr or res.stdout).strip()}"
+            )
+        return res
+
+    def spawn(
+        self, argv: Sequence[str], *, name: str | None = None, env: dict[str, str] | None = None
+    ) -> LabProcess:
+        """Start a program in the background; the lab stops it on exit."""
+        proc = LabProcess(self, argv, name or os.path.basename(argv[0]), env)
+        self.lab._track(proc)
+        return proc
+
+    def call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a Python function on a thread inside this namespace."""
+        return netns.call_in(self.ns, fn, *args)
+
+    def sysctl(self, key: str, value: str | int) -> None:
+        path = "/proc/sys/" + key.replace(".", "/")
+        self.call(lambda: Path(path).write_text(f"{value}\n"))
+
+    def nft(self, ruleset: str) -> None:
+        """Load nftables text (e.g. a whole `table ... { }`) into this namespace."""
+        self.run(["nft", "-f", "-"], input=ruleset)
+
+    # --- convenience -----------------------------------------------------------------------
+    def addr_add(self, ifname: str, cidr: str) -> None:
+        extra = ["nodad"] if ":" in cidr else []
+        self.ip("addr", "add", cidr, "dev", ifname, *extra)
+
+    def route_add(self, dst: str, *args: str) -> None:
+        self.ip("-6" if ":" in dst or any(":" in a for a in args) else "-4", "route", "add", dst,
+                *args)
+
+    def link_set(self, ifname: str, state: str) -> None:
+        self.ip("link", "set", ifname, state)
+
+    def iface_to(self, peer: Node) -> str:
+        for link in self.links:
+            if link.a.node is peer:
+                return link.b.ifname if link.b.node is self else link.a.ifname
+            if link.b.node is peer:
+                return link.a.ifname
+        raise LabError(f"{self.name} has no link to {peer.name}")
+
+    def __repr__(self) -> str:
+        return f"<Node {self.kind} {self.name} ({self.ns})>"
+
+
+class Lab:
+    """A set of namespaces built for one run, removed as a whole."""
+
+    def __init__(self, name: str = "lab", *, handle_signals: bool = True):
+        self.name = name
+        self.run_id = secrets.token_hex(3)
+        self.prefix = f"{NS_PREFIX}{self.run_id}-"
+        self.nodes: dict[str, Node] = {}
+        self.links: list[Link] = []
+        self._procs: list[LabProcess] = []
+        self._handle_signals = handle_signals
+        self._old_handlers: dict[int, Any] = {}
+        self._closed = False
+        self._lock = threading.Lock()
+        self._state_file = STATE_DIR / f"{self.run_id}.json"
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> Lab:
+        if os.geteuid() != 0:
+            raise LabError("the lab builds network namespaces and needs root (run with sudo)")
+        if self._handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        self._save_state()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Turn the signal into an exception so `with` blocks unwind and clean up.
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        for proc in reversed(self._procs):
+            try:
+                proc.stop(timeout=3)
+            except Exception as exc:  # cleanup must go on
+                log.warning("stopping %s: %s", proc, exc)
+            proc.close()
+        for node in reversed(list(self.nodes.values())):
+            _remove_namespace(node.ns)
+        self._state_file.unlink(missing_ok=True)
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+
+    def _save_state(self) -> None:
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "pid": os.getpid(),
+            "name": self.name,
+            "namespaces": [n.ns for n in self.nodes.values()],
+            "processes": [p.pid for p in self._procs],
+        }
+        tmp = self._state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        tmp.replace(self._state_file)
+
+    def _track(self, proc: LabProcess) -> None:
+        self._procs.append(proc)
+        self._save_state()
+
+    # --- building --------------------------------------------------------------------------
+    def _node(self, name: str, kind: str) -> Node:
+        if self._closed:
+            raise LabError("the lab is closed")
+        if name in self.nodes:
+            raise LabError(f"node {name} exists already")
+        node = Node(self, name, kind)
+        self.nodes[name] = node
+        self._save_state()  # record before creating, so a crash in between is still cleaned
+        netns.create(node.ns)
+        node.sysctl("net.ipv6.conf.all.accept_dad", 0)
+        node.sysctl("net.ipv6.conf.default.accept_dad", 0)
+        node.sysctl("net.ipv6.conf.default.accept_ra", 0)
+        node.ip("link", "set", "lo", "up")
+        return node
+
+    def host(self, name: str) -> Node:
+        return self._node(name, "host")
+
+    def router(self, name: str) -> Node:
+        node = self._node(name, "router")
+        node.sysctl("net.ipv4.ip_forward", 1)
+        node.sysctl("net.ipv6.conf.all.forwarding", 1)
+        return node
+
+    def switch(self, name: str) -> Node:
+        """A learning bridge in its own namespace; links to it become bridge ports."""
+        node = self._node(name, "switch")
+        node.ip("link", "add", "br0", "type", "bridge")
+        node.ip("link", "set", "br0", "up")
+        return node
+
+    def link(
+        self,
+        a: Node,
+        b: Node,
+        addr_a: str | Sequence[str] | None = None,
+        addr_b: str | Sequence[str] | None = None,
+        *,
+        v6: tuple[str | None, str | None] | None = None,
+        name_a: str | None = None,
+        name_b: str | None = None,
+        mtu: int | None = None,
+    ) -> Link:
+        """Connect two nodes with a veth pair and address both ends (either may be a switch)."""
+        name_a = name_a or _ifname(a, b)
+        name_b = name_b or _ifname(b, a)
+        _check_run(["ip", "-n", a.ns, "link", "add", name_a, "type", "veth", "peer", "name",
+                    name_b, "netns", b.ns])
+        ends = []
+        for node, ifname, addrs, addr6 in (
+            (a, name_a, addr_a, v6[0] if v6 else None),
+            (b, name_b, addr_b, v6[1] if v6 else None),
+        ):
+            cmds = []
+            addresses = [addrs] if isinstance(addrs, str) else list(addrs or [])
+            if addr6:
+                addresses.append(addr6)
+            if mtu:
+                cmds.append(f"link set {ifname} mtu {mtu}")
+            if node.kind == "switch":
+                if addresses:
+                    raise LabError(f"switch {node.name} takes no addresses")
+                cmds.append(f"link set {ifname} master br0")
+            for cidr in addresses:
+                cmds.append(f"addr add {cidr} dev {ifname}" + (" nodad" if ":" in cidr else ""))
+            cmds.append(f"link set {ifname} up")
+            node.ip_batch(cmds)
+            ends.append(LinkEnd(node, ifname, addresses))
+        for end in ends:
+            _wait_link_ready(end.node, end.ifname)
+        link = Link(ends[0], ends[1])
+        a.links.append(link)
+        b.links.append(link)
+        self.links.append(link)
+        return link
+
+    # --- impairments -----------------------------------------------------------------------
+    def impair(
+        self,
+        node: Node,
+        ifname: str,
+        *,
+        loss_percent: int = 0,
+        blackhole: bool = False,
+        include_arp: bool = False,
+        direction: str = "both",
+    ) -> None:
+        """Drop traffic on one interface: random loss (`numgen`), or everything (a silent peer).
+
+        Uses netdev ingress/egress hooks so forwarded and local traffic are both affected.
+        IP only by default, so ARP/ND still answer (a gateway that is up but no longer routes);
+        `include_arp` drops ARP too. Calling again replaces the interface's previous rules;
+        loss_percent=0 and blackhole=False remove them.
+        """
+        if not 0 <= loss_percent <= 100:
+            raise LabError("loss_percent must be within 0..100")
+        table = f"ipshift_lab_{ifname}".replace("-", "_").replace(".", "_")
+        try:
+            node.run(["nft", "delete", "table", "netdev", table])
+        except LabError:
+            pass  # nothing impaired yet
+        if not blackhole and loss_percent == 0:
+            return
+        if blackhole:
+            verdict = "drop"
+        else:
+            verdict = f"numgen random mod 100 < {loss_percent} drop"
+        match = "" if include_arp else "meta protocol { ip, ip6 } "
+        hooks = ["ingress", "egress"] if direction == "both" else [direction]
+        chains = "\n".join(
+            f'  chain {h} {{ type filter hook {h} device "{ifname}" priority 0; '
+            f"{match}{verdict}; }}"
+            for h in hooks
+        )
+        node.nft(f"table netdev {table} {{\n{chains}\n}}\n")
+
+
+def _wait_link_ready(node: Node, ifname: str, timeout: float = 3.0) -> None:
+    """Wait until the interface has carrier and a usable IPv6 link-local address: before that
+    the first packets over a fresh veth are lost, which would make tests flaky."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = node.ip_json("addr", "show", "dev", ifname)
+        if info:
+            dev = info[0]
+            up = dev.get("operstate") in ("UP", "UNKNOWN") or "LOWER_UP" in dev.get("flags", [])
+            addrs = dev.get("addr_info", [])
+            link_local = any(
+                a.get("scope") == "link" and a.get("family") == "inet6" and not a.get("tentative")
+                for a in addrs
+            )
+            tentative = any(a.get("tentative") for a in addrs)
+            if node.kind == "switch" or (up and link_local and not tentative):
+                return
+        if time.monotonic() > deadline:
+            raise LabError(f"{node.name}: {ifname} did not come up within {timeout}s")
+        time.sleep(0.01)
+
+
+def _ifname(node: Node, peer: Node) -> str:
+    base = f"to-{peer.name}"[:IFNAMSIZ]
+    used = {e.ifname for link in node.links for e in (link.a, link.b) if e.node is node}
+    name, i = base, 1
+    while name in used:
+        suffix = str(i)
+        name = base[: IFNAMSIZ - len(suffix)] + suffix
+        i += 1
+    return name
+
+
+def _remove_namespace(ns: str) -> None:
+    """Stop every process left in the namespace (all were started by the lab), then delete it."""
+    if not netns.exists(ns):
+        return
+    try:
+        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
+                              timeout=10).stdout.split()
+    except subprocess.TimeoutExpired:
+        pids = []
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    try:
+        netns.delete(ns)
+    except OSError as exc:
+        log.warning("could not delete namespace %s: %s", ns, exc)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean(*, everything: bool = False) -> list[str]:
+    """Remove what earlier runs left: namespaces of runs whose owner is gone (or all `ipsh-`
+    namespaces with `everything`). Returns the namespaces removed."""
+    removed: list[str] = []
+    live_prefixes: set[str] = set()
+    if STATE_DIR.is_dir():
+        for state in STATE_DIR.glob("*.json"):
+            try:
+                doc = json.loads(state.read_text())
+                pid = int(doc["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                state.unlink(missing_ok=True)
+                continue
+            prefix = f"{NS_PREFIX}{state.stem}-"
+            if not everything and _pid_alive(pid) and pid != os.getpid():
+                live_prefixes.add(prefix)
+                continue
+            for proc_pid in doc.get("processes", []):
+                # only processes this lab started, and only if still inside its namespaces
+                _kill_if_in_lab(int(proc_pid), prefix)
+            state.unlink(missing_ok=True)
+    for ns in netns.list_names():
+        if not ns.startswith(NS_PREFIX):
+            continue
+        if any(ns.startswith(p) for p in live_prefixes):
+            continue
+        _remove_namespace(ns)
+        removed.append(ns)
+    return removed
+
+
+def _kill_if_in_lab(pid: int, prefix: str) -> None:
+    try:
+        ns_of_pid = subprocess.run(["ip", "netns", "identify", str(pid)], capture_output=True,
+                                   text=True, timeout=5).stdout.strip()
+    except subprocess.TimeoutExpired:
+        return
+    if ns_of_pid.startswith(prefix):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
