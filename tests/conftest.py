@@ -2,23 +2,17 @@ import os
 
 import pytest
 
-from ipshift.net import netns
-
-
-def _lab_namespaces() -> set[str]:
-    return {n for n in netns.list_names() if n.startswith("ipsh-")}
+from ipshift.lab import topology
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leftover_namespaces():
-    """The suite fails if any namespace it created is still there at the end."""
-    before = _lab_namespaces()
+    """The suite fails if any namespace it created is still there at the end (namespaces of
+    other processes on the machine are none of its business)."""
     yield
-    left = _lab_namespaces() - before
+    left = topology.leftovers()
     if left:
-        from ipshift.lab import clean
-
-        clean(everything=True)
+        topology.remove_namespaces(left)
         pytest.fail(f"tests left network namespaces behind: {sorted(left)}")
 
 

@@ -7,6 +7,7 @@ import argparse
 import importlib
 import logging
 import logging.handlers
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -15,6 +16,7 @@ from ipshift import __version__
 # Modules that add subcommands, in the order they appear in `ipshift --help`.
 COMMAND_MODULES: tuple[str, ...] = (
     "ipshift.demo",
+    "ipshift.resend.cli",
     "ipshift.lab.cli",
     "ipshift.ctl.cli",
     "ipshift.benchcli",
@@ -28,19 +30,23 @@ class UserError(Exception):
 
 
 def setup_logging(verbosity: int, *, syslog: bool = False) -> None:
-    level = logging.WARNING - 10 * verbosity
+    """Warnings by default; each -v one level more for ipshift's own loggers (libraries such
+    as pyroute2 stay at warnings: their debug output is noise to a user)."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if syslog:
+    if syslog and os.path.exists("/dev/log"):
         try:
-            handlers.append(logging.handlers.SysLogHandler(address="/dev/log"))
+            handler = logging.handlers.SysLogHandler(address="/dev/log")
+            handler.setFormatter(logging.Formatter("ipshift[%(process)d]: %(message)s"))
+            handlers.append(handler)
         except OSError:
             pass  # no syslog daemon here: stderr is enough
     logging.basicConfig(
-        level=max(level, logging.DEBUG),
+        level=logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         handlers=handlers,
         force=True,
     )
+    logging.getLogger("ipshift").setLevel(max(logging.WARNING - 10 * verbosity, logging.DEBUG))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -126,7 +126,7 @@ def test_killed_run_is_cleaned_by_lab_clean():
         child.kill()
         child.wait(10)
         assert any(n.startswith(prefix) for n in netns.list_names())
-        removed = clean()
+        removed = clean(only=prefix)
         assert {n for n in removed if n.startswith(prefix)} == {prefix + "a", prefix + "b"}
         assert not any(n.startswith(prefix) for n in netns.list_names())
         deadline = time.monotonic() + 5
@@ -142,7 +142,8 @@ def test_killed_run_is_cleaned_by_lab_clean():
         if child.poll() is None:
             child.kill()
             child.wait(10)
-        clean()
+        if "prefix" in locals():
+            clean(only=prefix)
 
 
 def test_sigterm_during_run_cleans_up():
@@ -158,6 +159,7 @@ def test_sigterm_during_run_cleans_up():
     )
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
+    prefix = ""
     try:
         prefix = child.stdout.readline().strip()
         assert prefix
@@ -168,4 +170,5 @@ def test_sigterm_during_run_cleans_up():
         if child.poll() is None:
             child.kill()
             child.wait(10)
-        clean()
+        if prefix:
+            clean(only=prefix)

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipshift.ctl import CtlClient, CtlError, CtlServer, decode_message, request
+from ipshift.ctl import CtlClient, CtlError, decode_message, request
 from ipshift.ctl.render import render, table
-from ipshift.ctl.server import prepare_socket_path
+from ipshift.ctl.server import CtlServer, prepare_socket_path
 
 
 @pytest.fixture

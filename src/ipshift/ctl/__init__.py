@@ -1,4 +1,9 @@
-"""The local control channel every ipshift daemon exposes: a unix socket speaking JSON lines."""
+"""The local control channel every ipshift daemon exposes: a unix socket speaking JSON lines.
+
+The server side lives in `ipshift.ctl.server` (imported by daemons only, it pulls in asyncio);
+this package exports what clients need, so a short-lived client such as ip_resend_wakeup starts
+fast.
+"""
 
 from ipshift.ctl.client import CtlClient, request
 from ipshift.ctl.protocol import (
@@ -8,13 +13,11 @@ from ipshift.ctl.protocol import (
     encode_message,
     socket_path,
 )
-from ipshift.ctl.server import CtlServer
 
 __all__ = [
     "DEFAULT_DIR",
     "CtlClient",
     "CtlError",
-    "CtlServer",
     "decode_message",
     "encode_message",
     "request",

@@ -128,6 +128,8 @@ class CtlServer:
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            pass  # the server is closing; asyncio 3.11 logs a cancelled handler as an error
         finally:
             writer.close()
             with contextlib.suppress(Exception):

@@ -18,8 +18,10 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -34,10 +36,15 @@ from ipshift.net import netns
 log = logging.getLogger("ipshift.lab")
 
 NS_PREFIX = "ipsh-"
+NETNS_ETC = "/etc/netns"
 STATE_DIR = Path(os.environ.get("IPSHIFT_LAB_STATE", "/run/ipshift/lab"))
 IFNAMSIZ = 15
 
 T = TypeVar("T")
+
+#: Namespace prefixes of the labs this process created (for leak checks that must not touch
+#: labs of other processes running at the same time).
+CREATED_PREFIXES: set[str] = set()
 
 
 class LabError(RuntimeError):
@@ -239,6 +246,13 @@ class Node:
         path = "/proc/sys/" + key.replace(".", "/")
         self.call(lambda: Path(path).write_text(f"{value}\n"))
 
+    def set_resolv_conf(self, text: str) -> None:
+        """Give programs run in this namespace their own /etc/resolv.conf (`ip netns exec`
+        bind-mounts /etc/netns/<ns>/resolv.conf over it); removed with the namespace."""
+        directory = Path(NETNS_ETC) / self.ns
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "resolv.conf").write_text(text)
+
     def nft(self, ruleset: str) -> None:
         """Load nftables text (e.g. a whole `table ... { }`) into this namespace."""
         self.run(["nft", "-f", "-"], input=ruleset)
@@ -282,6 +296,7 @@ class Lab:
         self._closed = False
         self._lock = threading.Lock()
         self._state_file = STATE_DIR / f"{self.run_id}.json"
+        CREATED_PREFIXES.add(self.prefix)
 
     # --- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> Lab:
@@ -415,6 +430,15 @@ class Lab:
         self.links.append(link)
         return link
 
+    def dialup(self, home: Node, isp: Node, *args: str, ready_timeout: float = 10) -> LabProcess:
+        """Start the dial-on-demand emulator (`ipshift.lab.dialup`, pppd in demand mode) between
+        `home` and `isp`; extra arguments go to its command line. Returns once it is ready."""
+        argv = [sys.executable, "-m", "ipshift.lab.dialup", "--isp-ns", isp.ns, *args]
+        proc = home.spawn(argv, name="dialup")
+        if not proc.wait_for_output("dialup: ready", timeout=ready_timeout):
+            raise LabError(f"dial-up emulator did not start: {proc.stderr().strip()}")
+        return proc
+
     # --- impairments -----------------------------------------------------------------------
     def impair(
         self,
@@ -491,6 +515,7 @@ def _ifname(node: Node, peer: Node) -> str:
 
 def _remove_namespace(ns: str) -> None:
     """Stop every process left in the namespace (all were started by the lab), then delete it."""
+    shutil.rmtree(Path(NETNS_ETC) / ns, ignore_errors=True)
     if not netns.exists(ns):
         return
     try:
@@ -519,9 +544,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean(*, everything: bool = False) -> list[str]:
+def leftovers(prefixes: set[str] | None = None) -> list[str]:
+    """Namespaces still there of the labs with these prefixes (default: this process's)."""
+    wanted = CREATED_PREFIXES if prefixes is None else prefixes
+    return [n for n in netns.list_names() if any(n.startswith(p) for p in wanted)]
+
+
+def remove_namespaces(names: Iterable[str]) -> None:
+    for ns in names:
+        _remove_namespace(ns)
+
+
+def clean(*, everything: bool = False, only: str | None = None) -> list[str]:
     """Remove what earlier runs left: namespaces of runs whose owner is gone (or all `ipsh-`
-    namespaces with `everything`). Returns the namespaces removed."""
+    namespaces with `everything`); `only` limits it to one run's prefix. Returns the
+    namespaces removed."""
     removed: list[str] = []
     live_prefixes: set[str] = set()
     if STATE_DIR.is_dir():
@@ -533,6 +570,8 @@ def clean(*, everything: bool = False) -> list[str]:
                 state.unlink(missing_ok=True)
                 continue
             prefix = f"{NS_PREFIX}{state.stem}-"
+            if only is not None and prefix != only:
+                continue
             if not everything and _pid_alive(pid) and pid != os.getpid():
                 live_prefixes.add(prefix)
                 continue
@@ -544,6 +583,8 @@ def clean(*, everything: bool = False) -> list[str]:
         if not ns.startswith(NS_PREFIX):
             continue
         if any(ns.startswith(p) for p in live_prefixes):
+            continue
+        if only is not None and not ns.startswith(only):
             continue
         _remove_namespace(ns)
         removed.append(ns)

@@ -1,0 +1,94 @@
+"""What resend needs to know about a packet: its flow, seen from this host, and a rewrite.
+
+A flow is named from the local side: `local` is the address this host (or its masquerading)
+uses, `remote` the peer. Outgoing packets have local = source; incoming ones local = destination.
+ICMP and ICMPv6 echo use the identifier as the local port and 0 as the remote one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+from ipshift.packet import FlowRewrite, PacketError, decrement_hop_limit, parse_packet
+
+PROTO_ICMP = 1
+PROTO_TCP = 6
+PROTO_UDP = 17
+PROTO_ICMPV6 = 58
+
+ICMP_ECHO_REQUEST = {PROTO_ICMP: 8, PROTO_ICMPV6: 128}
+ICMP_ECHO_REPLY = {PROTO_ICMP: 0, PROTO_ICMPV6: 129}
+_ECHO = struct.Struct("!BBHHH")  # type, code, checksum, identifier, sequence
+_TCP_SEQ_FLAGS = struct.Struct("!4xIxB")
+
+
+@dataclass(frozen=True)
+class FlowKey:
+    version: int
+    proto: int
+    local: str
+    local_port: int
+    remote: str
+    remote_port: int
+
+    def __str__(self) -> str:
+        name = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp",
+                PROTO_ICMPV6: "icmpv6"}.get(self.proto, str(self.proto))
+        lb, rb = ("[", "]") if self.version == 6 else ("", "")
+        return (f"{name} {lb}{self.local}{rb}:{self.local_port} -> "
+                f"{lb}{self.remote}{rb}:{self.remote_port}")
+
+
+@dataclass(frozen=True)
+class PacketInfo:
+    key: FlowKey
+    dedup: tuple[object, ...]  # equal for retransmissions of the same segment or datagram
+
+
+def describe(data: bytes | bytearray | memoryview, *, outgoing: bool) -> PacketInfo | str | None:
+    """The flow of a TCP, UDP or ICMP echo packet; None for other packets (not resent), or a
+    short reason string for a malformed one (counted by the engine, never raised)."""
+    try:
+        pkt = parse_packet(data)
+    except PacketError as exc:
+        return exc.reason
+    if pkt.is_fragment and not pkt.has_transport_header:
+        return None
+    proto = pkt.protocol
+    src, dst = str(pkt.src_ip), str(pkt.dst_ip)
+    local, remote = (src, dst) if outgoing else (dst, src)
+    if proto in (PROTO_TCP, PROTO_UDP):
+        sport, dport = pkt.ports
+        lport, rport = (sport, dport) if outgoing else (dport, sport)
+        if proto == PROTO_TCP:
+            seq, flags = _TCP_SEQ_FLAGS.unpack_from(pkt.buf, pkt.transport_offset)
+            extra: tuple[object, ...] = (seq, flags)
+        else:
+            extra = (bytes(pkt.payload),)
+    elif proto in ICMP_ECHO_REQUEST and pkt.version == (4 if proto == PROTO_ICMP else 6):
+        if pkt.end - pkt.transport_offset < _ECHO.size:
+            return "truncated"
+        icmp_type, _, _, ident, seq = _ECHO.unpack_from(pkt.buf, pkt.transport_offset)
+        wanted = ICMP_ECHO_REQUEST if outgoing else ICMP_ECHO_REPLY
+        if icmp_type != wanted[proto]:
+            return None
+        lport, rport, extra = ident, 0, (seq,)
+    else:
+        return None
+    key = FlowKey(pkt.version, proto, local, lport, remote, rport)
+    return PacketInfo(key, (key, *extra))
+
+
+def rewrite_source(data: bytes, new_source: str) -> bytes:
+    """A copy of `data` with source address `new_source` (checksums updated incrementally, as
+    for a forwarded copy: TTL / hop limit lowered by one)."""
+    buf = bytearray(data)
+    version = buf[0] >> 4
+    old = data[12:16] if version == 4 else data[8:24]
+    new = ipaddress.ip_address(new_source).packed
+    if not FlowRewrite(src=(old, new), icmp_errors=False).apply(buf):
+        raise PacketError("not-rewritten", "packet source does not match")
+    decrement_hop_limit(buf)
+    return bytes(buf)

@@ -1,0 +1,229 @@
+"""ip_resend against real programs: dnsmasq in the ISP, glibc's resolver and dig at home, the
+dial-on-demand emulator in between, and the contrib ip-up script calling ip_resend_wakeup."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.netns.conftest import need
+
+ROOT = Path(__file__).resolve().parents[2]
+IP_UP = ROOT / "contrib" / "resend" / "ppp-ip-up.sh"
+NAME, A, AAAA = "www.example.test", "198.51.100.80", "2001:db8:80::80"
+DNS4, DNS6 = "203.0.113.53", "2001:db8:53::53"
+
+
+class Dial:
+    """home --(ppp0, demand dial)-- isp (dnsmasq, echo server); optional LAN host behind home."""
+
+    def __init__(self, lab, tmp_path, *, v6=False, lan=False, idle=0.0, delay=1.0):
+        need("dnsmasq", "dig", "getent", "socat")
+        self.lab = lab
+        self.run_dir = tmp_path / "run"
+        self.run_dir.mkdir(mode=0o700)
+        self.env = {
+            "IPSHIFT_RUN_DIR": str(self.run_dir),
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        }
+        self.home, self.isp = lab.host("home"), lab.host("isp")
+        self.isp.ip("addr", "add", f"{DNS4}/32", "dev", "lo")
+        listen = [f"--listen-address={DNS4}"]
+        if v6:
+            self.isp.ip("-6", "addr", "add", f"{DNS6}/128", "dev", "lo", "nodad")
+            listen.append(f"--listen-address={DNS6}")
+        self.dns = self.isp.spawn([
+            "dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--bind-interfaces",
+            *listen, f"--host-record={NAME},{A},{AAAA}", "--log-queries", "--pid-file=",
+            "--user=root",
+        ])
+        self.echo = self.isp.spawn(["socat", f"TCP-LISTEN:7,bind={DNS4},fork,reuseaddr",
+                                    "EXEC:cat"])
+        self.home.set_resolv_conf(f"nameserver {DNS4}\n")
+        args = ["--delay", str(delay), "--ip-up", str(IP_UP), "--idle", str(idle)]
+        if v6:
+            args += ["--placeholder6", "2001:db8:ffff::99",
+                     "--pool6", "2001:db8:100::10-2001:db8:100::ff"]
+        self.lan = None
+        if lan:
+            self.lan = lab.host("lan")
+            lab.link(self.lan, self.home, "192.0.2.10/24", "192.0.2.1/24")
+            self.lan.ip("route", "add", "default", "via", "192.0.2.1")
+            self.lan.set_resolv_conf(f"nameserver {DNS4}\n")
+            self.home.sysctl("net.ipv4.ip_forward", 1)
+            self.home.nft("table ip masq {\n chain post {\n"
+                          "  type nat hook postrouting priority 100;\n"
+                          "  oifname \"ppp0\" masquerade\n }\n}\n")
+        env_args = [f"{k}={v}" for k, v in self.env.items()]
+        self.dialup = self.home.spawn(["env", *env_args, sys.executable, "-m",
+                                       "ipshift.lab.dialup", "--isp-ns", self.isp.ns, *args],
+                                      name="dialup")
+        assert self.dialup.wait_for_output("dialup: ready", timeout=10), self.dialup.stderr()
+        assert self.dns.wait_for_output("started", timeout=10) or self.dns.running()
+
+    def start_resend(self, *extra):
+        proc = self.home.spawn([sys.executable, "-m", "ipshift", "resend", "run", "-o", "ppp0",
+                                "-d", "1", *extra], env=self.env, name="ip_resend")
+        assert proc.wait_for_output("armed", timeout=15), proc.stderr()
+        return proc
+
+    def status(self):
+        res = self.home.run([sys.executable, "-m", "ipshift", "resend", "status", "-o", "ppp0",
+                             "--json"], env=self.env, check=False)
+        return json.loads(res.stdout) if res.returncode == 0 else None
+
+    def dial_state(self, text, timeout=10):
+        return self.dialup.wait_for_output(text, timeout=timeout)
+
+    def queries_from(self, addr):
+        return [line for line in self.dns.stderr().splitlines()
+                if "query[" in line and f"from {addr}" in line]
+
+
+def _dig(node, server, qtype="A", timeout=6):
+    return node.run(["dig", "+tries=1", f"+timeout={timeout}", "+short", f"@{server}", NAME,
+                     qtype], check=False, timeout=timeout + 10)
+
+
+def _kernel_state(node, table="ipshift_resend_ppp0"):
+    tables = node.run(["nft", "list", "tables"]).stdout
+    lo = node.ip("-o", "addr", "show", "dev", "lo")
+    return table in tables, "192.0.2.99" in lo
+
+
+def test_glibc_lookup_during_dial_is_answered_by_the_first_query(lab, tmp_path):
+    d = Dial(lab, tmp_path)
+    resend = d.start_resend()
+    res = d.home.run(["getent", "hosts", NAME], timeout=30)
+    assert NAME in res.stdout
+    assert d.dial_state("dialup: up")
+    # the query that triggered dialing was resent from the new address and answered
+    assert resend.wait_for_output("cycle done", timeout=15), resend.stderr()
+    assert d.queries_from("203.0.113.100"), d.dns.stderr()
+    assert "resent 1 packet" in resend.stderr() or "resent 2 packet" in resend.stderr()
+    assert resend.wait(timeout=15) == 0  # one-shot: exits after its cycle, as the seed did
+    assert _kernel_state(d.home) == (False, False)  # table and lo address removed
+
+
+def test_single_try_dig_fails_without_resend_and_succeeds_with_it(lab, tmp_path):
+    d = Dial(lab, tmp_path, idle=1.0)
+    res = _dig(d.home, DNS4, timeout=4)
+    assert A not in res.stdout  # the reply went to the placeholder address and was lost
+    assert d.dial_state("dialup: down", timeout=15)  # idle hang-up, ready for the next dial
+    resend = d.start_resend()
+    res = _dig(d.home, DNS4, timeout=4)
+    assert res.stdout.strip() == A, resend.stderr()
+    resend.stop()
+
+
+def test_ipv6_lookup_during_dial(lab, tmp_path):
+    d = Dial(lab, tmp_path, v6=True)
+    resend = d.start_resend()
+    res = _dig(d.home, DNS6, "AAAA", timeout=5)
+    assert res.stdout.strip() == AAAA, resend.stderr()
+    assert d.queries_from("2001:db8:100::10")
+    resend.stop()
+
+
+def test_masquerading_router_answers_the_lan_host(lab, tmp_path):
+    d = Dial(lab, tmp_path, lan=True)
+    resend = d.start_resend()
+    res = _dig(d.lan, DNS4, timeout=5)
+    assert res.stdout.strip() == A, resend.stderr()
+    assert "masqueraded from 192.0.2.10" in resend.stderr()
+    resend.stop()
+
+
+def test_tcp_connect_during_dial_keeps_working(lab, tmp_path):
+    d = Dial(lab, tmp_path)
+    resend = d.start_resend()
+    client = (
+        "import socket, sys\n"
+        f"s = socket.create_connection(('{DNS4}', 7), timeout=8)\n"
+        "for i in range(3):\n"
+        "    s.sendall(b'hello %d\\n' % i)\n"
+        "    data = s.recv(100)\n"
+        "    assert data == b'hello %d\\n' % i, data\n"
+        "print('echoed', flush=True)\n"
+    )
+    res = d.home.run([sys.executable, "-c", client], check=False, timeout=20)
+    assert "echoed" in res.stdout, res.stderr + resend.stderr()
+    resend.stop()
+
+
+def test_persistent_daemon_accelerates_every_dial_and_cleans_up(lab, tmp_path):
+    d = Dial(lab, tmp_path, idle=1.0)
+    resend = d.start_resend("--persistent")
+    for cycle in range(2):
+        res = _dig(d.home, DNS4, timeout=4)
+        assert res.stdout.strip() == A, (cycle, resend.stderr())
+        assert d.dial_state("dialup: down", timeout=15)
+        d.dialup.wait_for_output("down", timeout=1)
+        # wait for this hang-up's line before the next dial (count lines)
+        deadline = time.monotonic() + 15
+        while d.dialup.stdout().count("dialup: down") < cycle + 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    status = d.status()
+    assert status["counters"]["cycles"] >= 2 and status["counters"]["resent"] >= 2
+    assert resend.running()
+    assert resend.stop() == 0
+    assert _kernel_state(d.home) == (False, False)
+
+
+def test_out_of_sync_states(lab, tmp_path):
+    d = Dial(lab, tmp_path)
+    resend = d.start_resend("--persistent")
+    # a second instance on the same socket is refused clearly
+    second = d.home.run([sys.executable, "-m", "ipshift", "resend", "run", "-o", "ppp0"],
+                        env=d.env, check=False, timeout=20)
+    assert second.returncode != 0
+    assert "already running" in second.stderr
+    # a garbage message is refused and the daemon keeps waiting
+    bad = d.home.run([sys.executable, "-m", "ipshift.resend.wakeup", "-m", "hello", "-o",
+                      "ppp0"], env=d.env, check=False)
+    assert bad.returncode == 2 and "not an address" in bad.stderr
+    # a wakeup with nothing captured is answered, nothing breaks
+    ok = d.home.run([sys.executable, "-m", "ipshift.resend.wakeup", "-m", "203.0.113.150",
+                     "-o", "ppp0"], env=d.env)
+    assert "nothing captured" in ok.stdout
+    # that address is not on ppp0, so the daemon sees the "link" gone and captures again
+    assert d.status()["state"] in ("linkup", "armed")
+    d.home.run([sys.executable, "-m", "ipshift.resend.wakeup", "-m", "stop", "-o", "ppp0"],
+               env=d.env)
+    assert d.status()["state"] == "armed"
+    # kill -9 while holding a mapping, then restart: the stale table and lo address go
+    res = _dig(d.home, DNS4, timeout=4)
+    assert res.stdout.strip() == A
+    resend.signal(signal.SIGKILL)
+    resend.wait(10)
+    sock = d.run_dir / "resend" / "ppp0"
+    assert sock.exists()  # stale socket left by the kill
+    d.home.nft("table inet ipshift_resend_ppp0 { }")  # as if left by the killed instance
+    (d.run_dir / "resend" / "ppp0.state").write_text(json.dumps({"lo_addresses": ["192.0.2.77"]}))
+    d.home.ip("addr", "add", "192.0.2.77/32", "dev", "lo")
+    again = d.start_resend("--persistent")
+    assert "removed a stale nftables table" in again.stderr()
+    assert "192.0.2.77" not in d.home.ip("-o", "addr", "show", "dev", "lo")
+    assert again.stop() == 0
+
+
+def test_world_writable_socket_directory_is_refused(lab, tmp_path):
+    home = lab.host("home")
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    res = home.run([sys.executable, "-m", "ipshift", "resend", "run", "-o", "lo", "-c",
+                    str(open_dir / "lo")], check=False, timeout=20)
+    assert res.returncode != 0
+    assert "writable by other users" in res.stderr
+
+
+def test_wakeup_without_daemon_says_so(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "ipshift.resend.wakeup", "-m", "192.0.2.1",
+                          "-c", str(tmp_path / "none")], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "Unable to reach ip_resend" in res.stderr
