@@ -24,6 +24,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BENCH_MODULES: tuple[str, ...] = (
     "bench.bench_packet",
     "bench.bench_tunnel",
+    "bench.bench_resend",
 )
 
 

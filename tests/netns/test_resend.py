@@ -6,81 +6,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
+from ipshift.lab.scenarios import DialupSite
 from tests.netns.conftest import need
 
-ROOT = Path(__file__).resolve().parents[2]
-IP_UP = ROOT / "contrib" / "resend" / "ppp-ip-up.sh"
-NAME, A, AAAA = "www.example.test", "198.51.100.80", "2001:db8:80::80"
-DNS4, DNS6 = "203.0.113.53", "2001:db8:53::53"
+NAME, A, AAAA = DialupSite.NAME, DialupSite.A, DialupSite.AAAA
+DNS4, DNS6 = DialupSite.DNS4, DialupSite.DNS6
 
 
-class Dial:
-    """home --(ppp0, demand dial)-- isp (dnsmasq, echo server); optional LAN host behind home."""
-
-    def __init__(self, lab, tmp_path, *, v6=False, lan=False, idle=0.0, delay=1.0):
-        need("dnsmasq", "dig", "getent", "socat")
-        self.lab = lab
-        self.run_dir = tmp_path / "run"
-        self.run_dir.mkdir(mode=0o700)
-        self.env = {
-            "IPSHIFT_RUN_DIR": str(self.run_dir),
-            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-        }
-        self.home, self.isp = lab.host("home"), lab.host("isp")
-        self.isp.ip("addr", "add", f"{DNS4}/32", "dev", "lo")
-        listen = [f"--listen-address={DNS4}"]
-        if v6:
-            self.isp.ip("-6", "addr", "add", f"{DNS6}/128", "dev", "lo", "nodad")
-            listen.append(f"--listen-address={DNS6}")
-        self.dns = self.isp.spawn([
-            "dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--bind-interfaces",
-            *listen, f"--host-record={NAME},{A},{AAAA}", "--log-queries", "--pid-file=",
-            "--user=root",
-        ])
-        self.echo = self.isp.spawn(["socat", f"TCP-LISTEN:7,bind={DNS4},fork,reuseaddr",
-                                    "EXEC:cat"])
-        self.home.set_resolv_conf(f"nameserver {DNS4}\n")
-        args = ["--delay", str(delay), "--ip-up", str(IP_UP), "--idle", str(idle)]
-        if v6:
-            args += ["--placeholder6", "2001:db8:ffff::99",
-                     "--pool6", "2001:db8:100::10-2001:db8:100::ff"]
-        self.lan = None
-        if lan:
-            self.lan = lab.host("lan")
-            lab.link(self.lan, self.home, "192.0.2.10/24", "192.0.2.1/24")
-            self.lan.ip("route", "add", "default", "via", "192.0.2.1")
-            self.lan.set_resolv_conf(f"nameserver {DNS4}\n")
-            self.home.sysctl("net.ipv4.ip_forward", 1)
-            self.home.nft("table ip masq {\n chain post {\n"
-                          "  type nat hook postrouting priority 100;\n"
-                          "  oifname \"ppp0\" masquerade\n }\n}\n")
-        env_args = [f"{k}={v}" for k, v in self.env.items()]
-        self.dialup = self.home.spawn(["env", *env_args, sys.executable, "-m",
-                                       "ipshift.lab.dialup", "--isp-ns", self.isp.ns, *args],
-                                      name="dialup")
-        assert self.dialup.wait_for_output("dialup: ready", timeout=10), self.dialup.stderr()
-        assert self.dns.wait_for_output("started", timeout=10) or self.dns.running()
-
-    def start_resend(self, *extra):
-        proc = self.home.spawn([sys.executable, "-m", "ipshift", "resend", "run", "-o", "ppp0",
-                                "-d", "1", *extra], env=self.env, name="ip_resend")
-        assert proc.wait_for_output("armed", timeout=15), proc.stderr()
-        return proc
-
-    def status(self):
-        res = self.home.run([sys.executable, "-m", "ipshift", "resend", "status", "-o", "ppp0",
-                             "--json"], env=self.env, check=False)
-        return json.loads(res.stdout) if res.returncode == 0 else None
-
-    def dial_state(self, text, timeout=10):
-        return self.dialup.wait_for_output(text, timeout=timeout)
-
-    def queries_from(self, addr):
-        return [line for line in self.dns.stderr().splitlines()
-                if "query[" in line and f"from {addr}" in line]
+def Dial(lab, tmp_path, **kwargs):
+    need("dnsmasq", "dig", "getent", "socat")
+    return DialupSite(lab, tmp_path / "run", **kwargs)
 
 
 def _dig(node, server, qtype="A", timeout=6):
@@ -99,7 +35,7 @@ def test_glibc_lookup_during_dial_is_answered_by_the_first_query(lab, tmp_path):
     resend = d.start_resend()
     res = d.home.run(["getent", "hosts", NAME], timeout=30)
     assert NAME in res.stdout
-    assert d.dial_state("dialup: up")
+    assert d.wait_dial_events("up", 1)
     # the query that triggered dialing was resent from the new address and answered
     assert resend.wait_for_output("cycle done", timeout=15), resend.stderr()
     assert d.queries_from("203.0.113.100"), d.dns.stderr()
@@ -112,7 +48,7 @@ def test_single_try_dig_fails_without_resend_and_succeeds_with_it(lab, tmp_path)
     d = Dial(lab, tmp_path, idle=1.0)
     res = _dig(d.home, DNS4, timeout=4)
     assert A not in res.stdout  # the reply went to the placeholder address and was lost
-    assert d.dial_state("dialup: down", timeout=15)  # idle hang-up, ready for the next dial
+    assert d.wait_dial_events("down", 1)  # idle hang-up, ready for the next dial
     resend = d.start_resend()
     res = _dig(d.home, DNS4, timeout=4)
     assert res.stdout.strip() == A, resend.stderr()
@@ -160,13 +96,8 @@ def test_persistent_daemon_accelerates_every_dial_and_cleans_up(lab, tmp_path):
     for cycle in range(2):
         res = _dig(d.home, DNS4, timeout=4)
         assert res.stdout.strip() == A, (cycle, resend.stderr())
-        assert d.dial_state("dialup: down", timeout=15)
-        d.dialup.wait_for_output("down", timeout=1)
-        # wait for this hang-up's line before the next dial (count lines)
-        deadline = time.monotonic() + 15
-        while d.dialup.stdout().count("dialup: down") < cycle + 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        assert d.wait_dial_events("down", cycle + 1)  # idle hang-up before the next dial
+        assert d.wait_resend_state("armed")
     status = d.status()
     assert status["counters"]["cycles"] >= 2 and status["counters"]["resent"] >= 2
     assert resend.running()

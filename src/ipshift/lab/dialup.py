@@ -38,12 +38,21 @@ MAX_PACKET = 65535
 
 
 def _say(text: str) -> None:
-    print(f"dialup: {text}", flush=True)
+    stamp = time.strftime("%H:%M:%S") + f".{int(time.time() * 1000) % 1000:03d}"
+    print(f"dialup: {text} [{stamp}]", flush=True)
 
 
 def _ip(ns: str | None, *args: str) -> None:
     argv = ["ip", *(["-n", ns] if ns else []), *args]
     res = subprocess.run(argv, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {res.stderr.strip()}")
+
+
+def _ip_batch(ns: str | None, commands: list[str]) -> None:
+    """Several `ip` commands in one process: link-up should cost what pppd's ioctls cost."""
+    argv = ["ip", *(["-n", ns] if ns else []), "-batch", "-"]
+    res = subprocess.run(argv, input="\n".join(commands) + "\n", capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: {res.stderr.strip()}")
 
@@ -131,14 +140,16 @@ class DialupLink:
         self.local = next(self._pool)
         # pppd order: the new address first, then the placeholder goes (removing the last address
         # of a device would flush its routes).
-        _ip(None, "addr", "add", self.local, "peer", cfg.remote, "dev", cfg.dev)
-        _ip(None, "addr", "del", cfg.placeholder, "peer", cfg.remote, "dev", cfg.dev)
-        _ip(cfg.isp_ns, "route", "replace", self.local, "dev", cfg.isp_dev)
+        home = [f"addr add {self.local} peer {cfg.remote} dev {cfg.dev}",
+                f"addr del {cfg.placeholder} peer {cfg.remote} dev {cfg.dev}"]
+        isp = [f"route replace {self.local} dev {cfg.isp_dev}"]
         if self._pool6 is not None and cfg.placeholder6:
             self.local6 = next(self._pool6)
-            _ip(None, "-6", "addr", "add", f"{self.local6}/128", "dev", cfg.dev, "nodad")
-            _ip(None, "-6", "addr", "del", f"{cfg.placeholder6}/128", "dev", cfg.dev)
-            _ip(cfg.isp_ns, "-6", "route", "replace", self.local6, "dev", cfg.isp_dev)
+            home += [f"addr add {self.local6}/128 dev {cfg.dev} nodad",
+                     f"addr del {cfg.placeholder6}/128 dev {cfg.dev}"]
+            isp.append(f"route replace {self.local6} dev {cfg.isp_dev}")
+        _ip_batch(None, home)
+        _ip_batch(cfg.isp_ns, isp)
         self.state = "up"
         self.last_traffic = now
         released = len(self.queued)

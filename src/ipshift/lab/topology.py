@@ -430,11 +430,15 @@ class Lab:
         self.links.append(link)
         return link
 
-    def dialup(self, home: Node, isp: Node, *args: str, ready_timeout: float = 10) -> LabProcess:
+    def dialup(
+        self, home: Node, isp: Node, *args: str, ready_timeout: float = 10,
+        env: dict[str, str] | None = None,
+    ) -> LabProcess:
         """Start the dial-on-demand emulator (`ipshift.lab.dialup`, pppd in demand mode) between
-        `home` and `isp`; extra arguments go to its command line. Returns once it is ready."""
+        `home` and `isp`; extra arguments go to its command line, `env` to its hooks. Returns
+        once it is ready."""
         argv = [sys.executable, "-m", "ipshift.lab.dialup", "--isp-ns", isp.ns, *args]
-        proc = home.spawn(argv, name="dialup")
+        proc = home.spawn(argv, name="dialup", env=env)
         if not proc.wait_for_output("dialup: ready", timeout=ready_timeout):
             raise LabError(f"dial-up emulator did not start: {proc.stderr().strip()}")
         return proc

@@ -1,0 +1,145 @@
+"""Ready-made lab scenarios shared by the tests, the benchmarks and the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ipshift.lab.topology import Lab, LabError, LabProcess, Node
+
+CONTRIB = Path(__file__).resolve().parents[3] / "contrib"
+
+
+class DialupSite:
+    """A home host (or masquerading router with a LAN host) on a demand-dial link to an ISP.
+
+        home --ppp0 (dial on demand: placeholder 192.0.2.99, pool 203.0.113.100-199)-- isp
+        isp: dnsmasq on 203.0.113.53 (and 2001:db8:53::53) answering `name`, a TCP echo on :7
+        lan (optional): 192.0.2.10 behind home, masqueraded on ppp0
+
+    pppd's ip-up is the contrib script (`contrib/resend/ppp-ip-up.sh`), which calls
+    ip_resend_wakeup; `run_dir` keeps this site's control sockets apart from the machine's.
+    """
+
+    NAME = "www.example.test"
+    A = "198.51.100.80"
+    AAAA = "2001:db8:80::80"
+    DNS4 = "203.0.113.53"
+    DNS6 = "2001:db8:53::53"
+    PLACEHOLDER = "192.0.2.99"
+
+    def __init__(
+        self,
+        lab: Lab,
+        run_dir: Path,
+        *,
+        v6: bool = False,
+        lan: bool = False,
+        idle: float = 0.0,
+        delay: float = 1.0,
+        ip_up: Path | None = None,
+    ) -> None:
+        self.lab = lab
+        self.run_dir = run_dir
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.env = {
+            "IPSHIFT_RUN_DIR": str(run_dir),
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        }
+        self.home, self.isp = lab.host("home"), lab.host("isp")
+        self.isp.ip("addr", "add", f"{self.DNS4}/32", "dev", "lo")
+        listen = [f"--listen-address={self.DNS4}"]
+        if v6:
+            self.isp.ip("-6", "addr", "add", f"{self.DNS6}/128", "dev", "lo", "nodad")
+            listen.append(f"--listen-address={self.DNS6}")
+        self.dns = self.isp.spawn([
+            "dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--bind-interfaces",
+            *listen, f"--host-record={self.NAME},{self.A},{self.AAAA}", "--log-queries",
+            "--pid-file=", "--user=root",
+        ], name="dnsmasq")
+        self.echo = self.isp.spawn(
+            ["socat", f"TCP-LISTEN:7,bind={self.DNS4},fork,reuseaddr", "EXEC:cat"], name="echo"
+        )
+        self.home.set_resolv_conf(f"nameserver {self.DNS4}\n")
+        hook = ip_up or CONTRIB / "resend" / "ppp-ip-up.sh"
+        args = ["--delay", str(delay), "--ip-up", str(hook), "--idle", str(idle)]
+        if v6:
+            args += ["--placeholder6", "2001:db8:ffff::99",
+                     "--pool6", "2001:db8:100::10-2001:db8:100::ff"]
+        self.lan: Node | None = None
+        if lan:
+            self.lan = lab.host("lan")
+            lab.link(self.lan, self.home, "192.0.2.10/24", "192.0.2.1/24")
+            self.lan.ip("route", "add", "default", "via", "192.0.2.1")
+            self.lan.set_resolv_conf(f"nameserver {self.DNS4}\n")
+            self.home.sysctl("net.ipv4.ip_forward", 1)
+            self.home.nft('table ip masq {\n chain post {\n'
+                          '  type nat hook postrouting priority 100;\n'
+                          '  oifname "ppp0" masquerade\n }\n}\n')
+        self.dialup = lab.dialup(self.home, self.isp, *args, env=self.env)
+        if not self.dns.wait_for_output("started", timeout=10) and not self.dns.running():
+            raise LabError(f"dnsmasq did not start: {self.dns.stderr()}")
+
+    def start_resend(self, *extra: str, timeout: float = 15) -> LabProcess:
+        proc = self.home.spawn([sys.executable, "-m", "ipshift", "resend", "run", "-o", "ppp0",
+                                "-d", "1", *extra], env=self.env, name="ip_resend")
+        if not proc.wait_for_output("armed", timeout=timeout):
+            raise LabError(f"ip_resend did not start: {proc.stderr()}")
+        return proc
+
+    def status(self) -> dict[str, Any] | None:
+        res = self.home.run([sys.executable, "-m", "ipshift", "resend", "status", "-o", "ppp0",
+                             "--json"], env=self.env, check=False)
+        if res.returncode != 0:
+            return None
+        doc: dict[str, Any] = json.loads(res.stdout)
+        return doc
+
+    def wait_resend_state(self, state: str, timeout: float = 10) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            doc = self.status()
+            if doc and doc.get("state") == state:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def dial_events(self, word: str) -> int:
+        return self.dialup.stdout().count(f"dialup: {word}")
+
+    def wait_dial_events(self, word: str, count: int, timeout: float = 15) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.dial_events(word) < count:
+            if time.monotonic() > deadline or not self.dialup.running():
+                return False
+            time.sleep(0.02)
+        return True
+
+    def hang_up(self, timeout: float = 10) -> None:
+        """Hang up now (as an idle timeout would) and wait until the link is down."""
+        before = self.dial_events("down")
+        self.dialup.signal(10)  # SIGUSR1
+        if not self.wait_dial_events("down", before + 1, timeout):
+            raise LabError("the dial-up emulator did not hang up")
+
+    def queries_from(self, addr: str) -> list[str]:
+        return [line for line in self.dns.stderr().splitlines()
+                if "query[" in line and f"from {addr}" in line]
+
+    def timed(self, node: Node, argv: list[str], timeout: float = 30) -> tuple[float, str]:
+        """Run argv in `node` and measure its duration inside the namespace (no exec costs)."""
+        code = (
+            "import subprocess, sys, time\n"
+            "t = time.monotonic()\n"
+            "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+            "print(round(time.monotonic() - t, 4), r.returncode, r.stdout.replace(chr(10), ' '))\n"
+        )
+        res = node.run([sys.executable, "-c", code, *argv], timeout=timeout)
+        seconds, rc, out = res.stdout.split(" ", 2)
+        return float(seconds), out.strip() if int(rc) == 0 else ""
+
+
