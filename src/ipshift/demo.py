@@ -19,6 +19,8 @@ from ipshift.cli import UserError
 # name -> "module:function"; each function takes (args) and returns an exit status.
 SCENARIOS: dict[str, tuple[str, str]] = {
     "tunnel": ("ipshift.tunnel.demo", "the fast TUN <-> UDP tunnel across a forwarded hop"),
+    "resend": ("ipshift.resend.demo", "a lookup that dials a demand link, without and with "
+                                      "ip_resend"),
 }
 
 
