@@ -1,0 +1,237 @@
+"""Netlink adapter against a real kernel, inside lab namespaces."""
+
+import asyncio
+import errno
+import socket
+
+import pytest
+
+from ipshift.net.netlink import (
+    NUD_PERMANENT,
+    RT_TABLE_MAIN,
+    RTPROT_STATIC,
+    Link,
+    Netlink,
+    NetlinkError,
+    NetlinkEvents,
+    NextHop,
+    NexthopObject,
+    Route,
+    Rule,
+)
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture
+def pair(lab):
+    """Host a with two uplinks (to b1, to b2) and a Netlink handle in a."""
+    a, b1, b2 = lab.host("a"), lab.host("b1"), lab.host("b2")
+    lab.link(a, b1, "192.0.2.1/24", "192.0.2.2/24", v6=("2001:db8:1::1/64", "2001:db8:1::2/64"))
+    lab.link(a, b2, "198.51.100.1/24", "198.51.100.2/24",
+             v6=("2001:db8:2::1/64", "2001:db8:2::2/64"))
+    with Netlink(a.ns) as nl:
+        yield a, nl
+
+
+def test_links_index_mtu_and_state(pair):
+    _, nl = pair
+    names = {link.name for link in nl.links()}
+    assert names == {"lo", "to-b1", "to-b2"}
+    index = nl.index("to-b1")
+    assert nl.link(index).name == "to-b1"
+    nl.set_link("to-b1", mtu=1400)
+    assert nl.link("to-b1").mtu == 1400
+    nl.set_link("to-b1", up=False)
+    assert not nl.link("to-b1").up
+    nl.set_link("to-b1", up=True)
+    assert nl.link("to-b1").up
+    with pytest.raises(NetlinkError) as info:
+        nl.index("nope0")
+    assert info.value.errno == errno.ENODEV and "nope0" in str(info.value)
+
+
+def test_addresses_v4_v6_add_list_del(pair):
+    a, nl = pair
+    nl.add_address("to-b1", "192.0.2.10/24")
+    nl.add_address("to-b1", "2001:db8:1::10/64", nodad=True)
+    nl.add_address("lo", "203.0.113.7/32")
+    cidrs = {x.cidr for x in nl.addresses("to-b1")}
+    assert {"192.0.2.1/24", "192.0.2.10/24", "2001:db8:1::10/64"} <= cidrs
+    v6 = nl.addresses("to-b1", family=socket.AF_INET6)
+    assert all(x.family == socket.AF_INET6 for x in v6)
+    assert any(x.address == "2001:db8:1::10" and not x.tentative for x in v6)
+    assert "203.0.113.7/32" in {x.cidr for x in nl.addresses("lo")}
+    with pytest.raises(NetlinkError) as info:
+        nl.add_address("to-b1", "192.0.2.10/24")
+    assert info.value.errno == errno.EEXIST
+    nl.add_address("to-b1", "192.0.2.10/24", replace=True)  # idempotent form
+    nl.del_address("to-b1", "192.0.2.10/24")
+    nl.del_address("to-b1", "2001:db8:1::10/64")
+    cidrs = {x.cidr for x in nl.addresses("to-b1")}
+    assert "192.0.2.10/24" not in cidrs and "2001:db8:1::10/64" not in cidrs
+    # the kernel agrees
+    assert "192.0.2.10" not in a.ip("addr", "show", "dev", "to-b1")
+
+
+def test_routes_in_tables_with_metric_src_mtu(pair):
+    a, nl = pair
+    routes = [
+        Route("0.0.0.0/0", gateway="192.0.2.2", table=100, metric=10),
+        Route("203.0.113.0/25", dev="to-b2", table=100, src="198.51.100.1", mtu=1400),
+        Route("203.0.113.128/25", type="blackhole", table=100),
+        Route("::/0", gateway="2001:db8:2::2", table=100, metric=20),
+    ]
+    for r in routes:
+        nl.add_route(r)
+    listed = nl.routes(100)
+    for r in routes:
+        assert r in listed or any(x.dst == r.dst and x.gateway == r.gateway for x in listed)
+    v4 = {r.dst: r for r in nl.routes(100, family=socket.AF_INET)}
+    assert v4["0.0.0.0/0"].metric == 10 and v4["0.0.0.0/0"].dev == "to-b1"
+    assert v4["203.0.113.0/25"].src == "198.51.100.1" and v4["203.0.113.0/25"].mtu == 1400
+    assert v4["203.0.113.128/25"].type == "blackhole"
+    assert v4["0.0.0.0/0"].proto == RTPROT_STATIC
+    assert "default via 192.0.2.2" in a.ip("route", "show", "table", "100")
+    with pytest.raises(NetlinkError) as info:
+        nl.add_route(routes[0])
+    assert info.value.errno == errno.EEXIST and "table 100" in str(info.value)
+    nl.replace_route(Route("0.0.0.0/0", gateway="198.51.100.2", table=100, metric=10))
+    assert nl.routes(100, dst="0.0.0.0/0", family=socket.AF_INET)[0].gateway == "198.51.100.2"
+    nl.del_route(Route("203.0.113.0/25", table=100))
+    assert not nl.routes(100, dst="203.0.113.0/25")
+    with pytest.raises(NetlinkError) as info:  # table 100 is not consulted without a rule
+        nl.lookup("203.0.113.5")
+    assert info.value.errno == errno.ENETUNREACH
+    assert nl.lookup("198.51.100.77").dev == "to-b2"
+    assert nl.delete_routes(100) == 3
+    assert nl.routes(100) == []
+    with pytest.raises(ValueError, match="host bits"):
+        nl.add_route(Route("192.0.2.5/24", table=100))
+
+
+def test_multipath_weights_v4_and_v6(pair):
+    a, nl = pair
+    r4 = Route("203.0.113.0/24", table=100, nexthops=(
+        NextHop("192.0.2.2", "to-b1", weight=3), NextHop("198.51.100.2", "to-b2", weight=1)))
+    r6 = Route("2001:db8:99::/48", table=100, nexthops=(
+        NextHop("2001:db8:1::2", "to-b1", weight=2), NextHop("2001:db8:2::2", "to-b2")))
+    nl.add_route(r4)
+    nl.add_route(r6)
+    text = a.ip("route", "show", "table", "100")
+    assert "nexthop via 192.0.2.2 dev to-b1 weight 3" in text
+    assert "nexthop via 198.51.100.2 dev to-b2 weight 1" in text
+    (got4,) = nl.routes(100, family=socket.AF_INET)
+    assert got4.nexthops == r4.nexthops
+    (got6,) = nl.routes(100, family=socket.AF_INET6)
+    assert [(h.gateway, h.dev, h.weight) for h in got6.nexthops] == [
+        ("2001:db8:1::2", "to-b1", 2), ("2001:db8:2::2", "to-b2", 1)]
+    # carrier loss on one uplink shows up as a linkdown next hop
+    a.ip("link", "set", "to-b2", "down")
+    (after,) = nl.routes(100, family=socket.AF_INET)
+    down = {h.dev: h for h in after.nexthops}
+    assert down["to-b2"].dead or down["to-b2"].linkdown
+    a.ip("link", "set", "to-b2", "up")
+    nl.del_route(Route("203.0.113.0/24", table=100))
+    nl.del_route(Route("2001:db8:99::/48", table=100))
+    assert nl.routes(100) == []
+
+
+def test_delete_routes_of_a_big_table(pair):
+    a, nl = pair
+    for i in range(300):
+        third = 100 + i // 256
+        net = f"198.51.{third}.{i % 256}/32" if third == 100 else f"203.0.113.{i % 256}/32"
+        nl.add_route(Route(net, type="blackhole", table=200))
+    assert len(nl.routes(200)) == 300
+    assert nl.delete_routes(200) == 300
+    assert a.ip("route", "show", "table", "200").strip() == ""
+
+
+def test_rules_add_list_del(pair):
+    a, nl = pair
+    rules = [
+        Rule(1000, table=100, src="192.0.2.0/24"),
+        Rule(1001, table=101, fwmark=0x10, fwmask=0xF0),
+        Rule(1002, table=102, dst="2001:db8:99::/48"),
+        Rule(1003, table=RT_TABLE_MAIN, suppress_prefixlen=0),
+        Rule(1004, table=103, iif="to-b1", family=socket.AF_INET6),
+    ]
+    for rule in rules:
+        nl.add_rule(rule)
+    listed = nl.rules()
+    for rule in rules:
+        assert rule in listed, rule
+    text = a.ip("rule", "show")
+    assert "1001:\tfrom all fwmark 0x10/0xf0 lookup 101" in text
+    assert "1003:\tfrom all lookup main suppress_prefixlength 0" in text
+    for rule in rules:
+        nl.del_rule(rule)
+    assert not [r for r in nl.rules() if 1000 <= r.priority <= 1004]
+
+
+def test_neighbours_probe_managed_permanent(pair):
+    a, nl = pair
+    nl.set_neighbour("192.0.2.77", "to-b1", "02:00:00:00:00:77")
+    nl.probe_neighbour("192.0.2.2", "to-b1")
+    nl.add_managed_neighbour("198.51.100.2", "to-b2")
+    entries = {n.dst: n for n in nl.neighbours(family=socket.AF_INET)}
+    assert entries["192.0.2.77"].state == NUD_PERMANENT
+    assert entries["192.0.2.77"].lladdr == "02:00:00:00:00:77"
+    assert "192.0.2.2" in entries  # probing created the entry (resolving or resolved)
+    assert entries["198.51.100.2"].managed
+    assert "managed" in a.ip("neigh", "show", "198.51.100.2", "dev", "to-b2")
+    nl.del_neighbour("192.0.2.77", "to-b1")
+    assert nl.neighbour("192.0.2.77", "to-b1") is None
+
+
+def test_nexthop_objects_and_routes_using_them(pair):
+    _, nl = pair
+    nl.add_nexthop(NexthopObject(1, gateway="192.0.2.2", dev="to-b1"))
+    nl.add_nexthop(NexthopObject(2, gateway="198.51.100.2", dev="to-b2"))
+    nl.add_nexthop(NexthopObject(10, group=((1, 3), (2, 1))))
+    by_id = {n.id: n for n in nl.nexthops()}
+    assert by_id[1] == NexthopObject(1, gateway="192.0.2.2", dev="to-b1")
+    assert by_id[10].group == ((1, 3), (2, 1))
+    nl.add_route(Route("203.0.113.0/24", nhid=10, table=100))
+    (route,) = nl.routes(100)
+    assert route.nhid == 10
+    assert {h.weight for h in route.nexthops} == {3, 1}
+    nl.del_route(Route("203.0.113.0/24", table=100))
+    nl.del_nexthop(10)
+    with pytest.raises(NetlinkError) as info:
+        nl.add_nexthop(NexthopObject(1, gateway="192.0.2.2", dev="to-b1"))
+    assert info.value.errno == errno.EEXIST
+    nl.del_nexthop(1)
+    nl.del_nexthop(2)
+    assert nl.nexthops() == []
+
+
+def test_link_down_event_is_seen(pair):
+    a, nl = pair
+
+    def link_down(e):
+        return isinstance(e.obj, Link) and e.obj.name == "to-b2" and not e.obj.up
+
+    def route_gone(e):
+        # IPv6 announces the routes it drops with the link; IPv4 drops them silently
+        return e.action == "del" and isinstance(e.obj, Route) and e.obj.dev == "to-b2"
+
+    async def main():
+        with NetlinkEvents(a.ns, kinds=("link", "address", "route")) as events:
+            nl.set_link("to-b2", up=False)
+            seen = []
+
+            async def until_both():
+                async for event in events:
+                    seen.append(event)
+                    if any(map(link_down, seen)) and any(map(route_gone, seen)):
+                        return
+
+            await asyncio.wait_for(until_both(), timeout=10)
+            return seen
+
+    seen = asyncio.run(main())
+    assert any(map(link_down, seen))
+    gone = [e.obj for e in seen if route_gone(e)]
+    assert gone
