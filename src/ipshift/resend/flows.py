@@ -7,6 +7,7 @@ ICMP and ICMPv6 echo use the identifier as the local port and 0 as the remote on
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from dataclasses import dataclass
@@ -81,14 +82,20 @@ def describe(data: bytes | bytearray | memoryview, *, outgoing: bool) -> PacketI
     return PacketInfo(key, (key, *extra))
 
 
+@functools.lru_cache(maxsize=64)
+def _source_rewrite(old: bytes, new: bytes) -> FlowRewrite:
+    # one rewrite (and checksum delta) per old/new pair, shared by the packets of a dial
+    return FlowRewrite(src=(old, new), icmp_errors=False)
+
+
 def rewrite_source(data: bytes, new_source: str) -> bytes:
     """A copy of `data` with source address `new_source` (checksums updated incrementally, as
     for a forwarded copy: TTL / hop limit lowered by one)."""
     buf = bytearray(data)
     version = buf[0] >> 4
-    old = data[12:16] if version == 4 else data[8:24]
+    old = bytes(data[12:16] if version == 4 else data[8:24])
     new = ipaddress.ip_address(new_source).packed
-    if not FlowRewrite(src=(old, new), icmp_errors=False).apply(buf):
+    if not _source_rewrite(old, new).apply(buf):
         raise PacketError("not-rewritten", "packet source does not match")
     decrement_hop_limit(buf)
     return bytes(buf)
