@@ -17,6 +17,7 @@ from ipshift import __version__
 COMMAND_MODULES: tuple[str, ...] = (
     "ipshift.demo",
     "ipshift.resend.cli",
+    "ipshift.tunnel.cli",
     "ipshift.lab.cli",
     "ipshift.ctl.cli",
     "ipshift.benchcli",

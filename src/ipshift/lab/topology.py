@@ -246,6 +246,16 @@ class Node:
         path = "/proc/sys/" + key.replace(".", "/")
         self.call(lambda: Path(path).write_text(f"{value}\n"))
 
+    def wait_listening(self, port: int, *, udp: bool = False, timeout: float = 10.0) -> None:
+        """Wait until something listens on `port` here (e.g. a one-off `iperf3 -s -1`, which is
+        gone after a client's failed attempt, so clients must not start before it listens)."""
+        deadline = time.monotonic() + timeout
+        flags = "-Hulpn" if udp else "-Htlpn"
+        while f":{port} " not in self.run(["ss", flags]).stdout:
+            if time.monotonic() > deadline:
+                raise LabError(f"nothing listens on port {port} in {self.name}")
+            time.sleep(0.02)
+
     def set_resolv_conf(self, text: str) -> None:
         """Give programs run in this namespace their own /etc/resolv.conf (`ip netns exec`
         bind-mounts /etc/netns/<ns>/resolv.conf over it); removed with the namespace."""

@@ -1,0 +1,111 @@
+"""`ipshift tunnel`: run a UDP tunnel over a TUN device, show its counters."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+from ipshift.cli import UserError, setup_logging
+from ipshift.tunnel.config import AddressMapping, ConfigError, Endpoint, TunnelConfig
+
+
+def config_from_args(args: argparse.Namespace) -> TunnelConfig:
+    try:
+        return TunnelConfig(
+            dev=args.dev,
+            local=Endpoint.parse(args.local, "--local"),
+            remote=Endpoint.parse(args.remote, "--remote"),
+            addresses=tuple(_interface(a) for a in args.address),
+            routes=tuple(_network(r) for r in args.route),
+            mtu=args.mtu,
+            queues=args.queues,
+            rewrite_src=tuple(AddressMapping.parse(m, "--rewrite-src") for m in args.rewrite_src),
+            rewrite_dst=tuple(AddressMapping.parse(m, "--rewrite-dst") for m in args.rewrite_dst),
+        )
+    except ConfigError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def _interface(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    try:
+        return ipaddress.ip_interface(text)
+    except ValueError as exc:
+        raise ConfigError(f"--address {text!r} is not ADDRESS/PREFIXLEN") from exc
+
+
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise ConfigError(f"--route {text!r} is not a prefix such as 198.51.100.0/24") from exc
+
+
+def _socket_path(args: argparse.Namespace) -> Path:
+    from ipshift.ctl import socket_path
+    from ipshift.tunnel.daemon import ctl_name
+
+    return Path(args.socket) if args.socket else socket_path(ctl_name(args.dev))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ipshift.tunnel.daemon import run_daemon
+
+    setup_logging(args.verbose + 1, syslog=True)
+    config = config_from_args(args)
+    return run_daemon(config, socket_path=_socket_path(args))
+
+
+def _status(args: argparse.Namespace) -> int:
+    from ipshift.ctl import CtlError, request
+    from ipshift.ctl.render import render
+
+    try:
+        doc = request(_socket_path(args), "status")
+    except CtlError as exc:
+        raise UserError(exc.message) from exc
+    print(render(doc, as_json=args.json))
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "tunnel", help="UDP tunnel over a TUN device (offloaded user-space data path)"
+    )
+    ts = p.add_subparsers(dest="tunnel_command", metavar="ACTION", required=True)
+    run = ts.add_parser(
+        "run",
+        help="create the TUN device and forward until SIGTERM/SIGINT (foreground)",
+        description="Create TUN device DEV and carry its packets to the peer over UDP, one "
+        "inner packet per datagram (docs/tunnel.md). Foreground; logs to stderr and syslog; "
+        "SIGUSR1 logs the counters.",
+    )
+    run.add_argument("--dev", required=True, metavar="NAME", help="TUN device to create")
+    run.add_argument("--local", required=True, metavar="ADDR:PORT",
+                     help="local UDP endpoint ([v6]:port for IPv6)")
+    run.add_argument("--remote", required=True, metavar="ADDR:PORT", help="the peer's endpoint")
+    run.add_argument("--address", action="append", default=[], metavar="CIDR",
+                     help="address for the TUN device (repeatable)")
+    run.add_argument("--route", action="append", default=[], metavar="PREFIX",
+                     help="route PREFIX through the tunnel (repeatable)")
+    run.add_argument("--mtu", type=int, metavar="N",
+                     help="tunnel MTU (default: the path MTU to the peer minus 32, or 52 over "
+                          "IPv6)")
+    run.add_argument("--queues", type=int, default=1, metavar="N",
+                     help="TUN queues, one worker process each; uses UDP ports PORT..PORT+N-1 "
+                          "at both ends (default 1)")
+    run.add_argument("--rewrite-src", action="append", default=[], metavar="OLD=NEW",
+                     help="rewrite source OLD to NEW entering the tunnel, and destination NEW "
+                          "back to OLD leaving it (repeatable)")
+    run.add_argument("--rewrite-dst", action="append", default=[], metavar="OLD=NEW",
+                     help="rewrite destination OLD to NEW entering the tunnel, and source NEW "
+                          "back to OLD leaving it (repeatable)")
+    run.add_argument("--socket", metavar="PATH",
+                     help="control socket (default /run/ipshift/tunnel-DEV.sock)")
+    run.set_defaults(handler=_run)
+    st = ts.add_parser("status", help="show a running tunnel's counters")
+    st.add_argument("--dev", required=True, metavar="NAME")
+    st.add_argument("--socket", metavar="PATH", help="control socket, if not the default")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(handler=_status)

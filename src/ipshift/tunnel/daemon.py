@@ -1,0 +1,302 @@
+"""Running a tunnel: the TUN device, its link settings, the sockets and the forwarding workers.
+
+Kernel objects it owns: the TUN device (non-persistent, so it disappears with the process even
+after kill -9, taking its addresses and routes along) and the control socket
+/run/ipshift/tunnel-<dev>.sock (a stale one is replaced on start).
+
+Workers: one queue is forwarded by a thread of this process; with --queues N (IFF_MULTI_QUEUE)
+each queue gets a worker process of its own, because the GIL would serialise threads. The
+kernel spreads flows over the queues; each queue has its own UDP port pair, so the flows stay
+apart in the underlay too. Workers publish their counters into shared memory twice a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import multiprocessing
+import multiprocessing.sharedctypes
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ipshift.net import tun, udp
+from ipshift.net.errors import NetError
+from ipshift.net.netlink import Netlink, Route
+from ipshift.tunnel.config import TunnelConfig
+from ipshift.tunnel.forwarder import Counters, Forwarder, Hooks, QueuePump
+from ipshift.tunnel.rewrite import AddressRewriter
+
+log = logging.getLogger("ipshift.tunnel")
+
+PUBLISH_INTERVAL = 0.5  # seconds between a worker's counter updates to the parent
+DEFAULT_UNDERLAY_MTU = 1500
+
+
+class TunnelError(Exception):
+    """The tunnel cannot start; the message says why and what to do."""
+
+
+def ctl_name(dev: str) -> str:
+    """The control socket name of the tunnel on `dev` (`ipshift ctl tunnel-<dev>`)."""
+    return f"tunnel-{dev}"
+
+
+class TunnelDaemon:
+    """One tunnel. open() creates and configures everything, start() starts forwarding,
+    close() undoes both; `with TunnelDaemon(config) as daemon:` does all three."""
+
+    def __init__(self, config: TunnelConfig) -> None:
+        self.config = config
+        self.rewriter = AddressRewriter(config.rewrite_src, config.rewrite_dst)
+        self.device: tun.TunDevice | None = None
+        self.sockets: list[socket.socket] = []
+        self.mtu = 0
+        self._forwarder: Forwarder | None = None
+        self._local_counters: list[Counters] = []
+        self._workers: list[multiprocessing.process.BaseProcess] = []
+        self._shared: Any = None  # RawArray of the workers' counters
+        self._started = time.monotonic()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def __enter__(self) -> TunnelDaemon:
+        try:
+            self.open()
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Create the TUN device, set its MTU, addresses and routes, open the sockets."""
+        config = self.config
+        try:
+            self.device = tun.open_tun(config.dev, queues=config.queues, netns_name=config.netns)
+        except (tun.TunError, ValueError) as exc:
+            raise TunnelError(str(exc)) from exc
+        try:
+            self._configure_link()
+        except (NetError, OSError, ValueError) as exc:
+            raise TunnelError(f"cannot configure {config.dev}: {exc}") from exc
+        for index in range(config.queues):
+            local = config.local.socket_address(index)
+            remote = config.remote.socket_address(index)
+            try:
+                self.sockets.append(udp.open_udp(local, remote, netns_name=config.netns))
+            except OSError as exc:
+                raise TunnelError(
+                    f"cannot use UDP {local[0]} port {local[1]}: {exc.strerror} (is the address "
+                    f"on this host and the port free?)"
+                ) from exc
+
+    def _configure_link(self) -> None:
+        config = self.config
+        assert self.device is not None
+        with Netlink(config.netns) as nl:
+            underlay = DEFAULT_UNDERLAY_MTU
+            try:
+                path = nl.lookup(str(config.remote.host))
+                if path.dev:
+                    underlay = nl.link(path.dev).mtu or DEFAULT_UNDERLAY_MTU
+            except NetError as exc:
+                log.warning("no route to %s yet (%s); assuming an MTU of %d on the way",
+                            config.remote.host, exc, DEFAULT_UNDERLAY_MTU)
+            self.mtu = config.mtu_for(underlay)
+            # TSO stays at the kernel's 64 KB: a smaller gso_max_size/segs would make the kernel
+            # segment forwarded super-packets in software before they reach us (one read per
+            # packet). A full 64 KB super-packet therefore takes two UDP sends, and the far
+            # end joins the two GRO batches again (gso.Decapsulator.pending).
+            nl.set_link(config.dev, mtu=self.mtu, up=True)
+            for address in config.addresses:
+                nl.add_address(config.dev, str(address), nodad=True, replace=True)
+            for prefix in config.routes:
+                nl.replace_route(Route(str(prefix), dev=config.dev))
+
+    def start(self) -> None:
+        """Start forwarding: a thread for one queue, worker processes for several."""
+        assert self.device is not None and self.sockets
+        self.device.set_blocking(False)
+        self._started = time.monotonic()
+        if self.config.queues == 1:
+            counters = Counters()
+            self._local_counters = [counters]
+            pump = QueuePump(self.device.fd, self.sockets[0], hooks=self._hooks(counters),
+                             counters=counters)
+            self._forwarder = Forwarder([pump])
+            self._forwarder.start(f"tunnel-{self.config.dev}")
+            return
+        size = Counters.size()
+        self._shared = multiprocessing.sharedctypes.RawArray(
+            ctypes.c_uint64, size * self.config.queues
+        )
+        context = multiprocessing.get_context("fork")
+        for index in range(self.config.queues):
+            worker = context.Process(
+                target=_worker_main,
+                args=(self.device.fds[index], self.sockets[index], self.rewriter, self._shared,
+                      index),
+                name=f"tunnel-{self.config.dev}-q{index}",
+                daemon=True,
+            )
+            worker.start()
+            self._workers.append(worker)
+
+    def _hooks(self, counters: Counters) -> Hooks | None:
+        return self.rewriter.hooks(counters) if self.rewriter else None
+
+    def alive(self) -> bool:
+        if self._forwarder is not None:
+            return self._forwarder.alive()
+        return bool(self._workers) and all(w.is_alive() for w in self._workers)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop forwarding (the device stays until close())."""
+        if self._forwarder is not None:
+            self._forwarder.stop(timeout)
+            self._forwarder.close()
+            self._forwarder = None
+        deadline = time.monotonic() + timeout
+        for worker in self._workers:
+            if worker.is_alive() and worker.pid is not None:
+                os.kill(worker.pid, signal.SIGTERM)
+        for worker in self._workers:
+            worker.join(max(0.1, deadline - time.monotonic()))
+            if worker.is_alive():
+                log.warning("worker %s did not stop; killing it", worker.name)
+                worker.kill()
+                worker.join(1.0)
+        self._workers = []
+
+    def close(self) -> None:
+        """Stop, close the sockets and the device (which removes it, its addresses, routes)."""
+        self.stop()
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
+        if self.device is not None:
+            self.device.close()
+
+    # --- status -------------------------------------------------------------------------------
+    def counters(self) -> Counters:
+        total = Counters()
+        for counters in self._local_counters:
+            total.add(counters)
+        if self._shared is not None:
+            size = Counters.size()
+            for index in range(self.config.queues):
+                total.add(Counters.from_array(self._shared[index * size:(index + 1) * size]))
+        return total
+
+    def status(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "name": f"tunnel {config.dev}",
+            "fields": {
+                "device": config.dev,
+                "local": str(config.local),
+                "remote": str(config.remote),
+                "mtu": self.mtu,
+                "queues": config.queues,
+                "rewrites": [f"src {m}" for m in config.rewrite_src]
+                + [f"dst {m}" for m in config.rewrite_dst],
+                "uptime_s": round(time.monotonic() - self._started, 1),
+                "running": self.alive(),
+            },
+            "counters": self.counters().as_dict(),
+        }
+
+
+def _worker_main(
+    tun_fd: int, sock: socket.socket, rewriter: AddressRewriter, shared: Any, index: int
+) -> None:
+    """A queue's worker process: forward until SIGTERM, publishing counters."""
+    signal.set_wakeup_fd(-1)  # the parent's asyncio wake-up fd is not ours
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    counters = Counters()
+    pump = QueuePump(tun_fd, sock, hooks=rewriter.hooks(counters) if rewriter else None,
+                     counters=counters)
+    forwarder = Forwarder([pump])
+    signal.signal(signal.SIGTERM, lambda signum, frame: forwarder.stop())
+    size = Counters.size()
+    done = threading.Event()
+
+    def publish() -> None:
+        shared[index * size:(index + 1) * size] = counters.as_array()
+
+    def publisher() -> None:
+        while not done.wait(PUBLISH_INTERVAL):
+            publish()
+
+    threading.Thread(target=publisher, name="counters", daemon=True).start()
+    try:
+        forwarder.run()
+    finally:
+        done.set()
+        publish()
+
+
+def run_daemon(config: TunnelConfig, *, socket_path: Path | None) -> int:
+    """Foreground tunnel for the CLI: until SIGTERM/SIGINT; status on the control socket and,
+    as a log line, on SIGUSR1. Returns the exit status."""
+    from ipshift.ctl import CtlError
+    from ipshift.ctl.server import CtlServer
+
+    daemon = TunnelDaemon(config)
+    try:
+        daemon.open()
+        daemon.start()
+    except TunnelError as exc:
+        daemon.close()
+        log.error("%s", exc)
+        return 1
+
+    async def serve() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(
+            signal.SIGUSR1, lambda: log.warning("status %s", daemon.counters().as_dict())
+        )
+        ctl: CtlServer | None = None
+        if socket_path is not None:
+            ctl = CtlServer(socket_path, name=ctl_name(config.dev))
+            ctl.method("status", lambda params: daemon.status())
+            try:
+                await ctl.start()
+            except CtlError as exc:
+                log.error("%s", exc.message)
+                return 2
+        log.info("tunnel %s up: %s <-> %s, MTU %d, %d queue(s)", config.dev, config.local,
+                 config.remote, daemon.mtu, config.queues)
+        try:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), 1.0)
+                except TimeoutError:
+                    if not daemon.alive():
+                        log.error("tunnel %s: forwarding stopped unexpectedly", config.dev)
+                        return 1
+            return 0
+        finally:
+            if ctl is not None:
+                await ctl.close()
+
+    try:
+        status = asyncio.run(serve())
+    finally:
+        counters = daemon.counters()
+        daemon.close()
+        log.info("tunnel %s down; %s", config.dev, counters.as_dict())
+    return status

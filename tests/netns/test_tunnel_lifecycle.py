@@ -1,0 +1,132 @@
+"""The tunnel daemon's life: clean exit on SIGTERM, nothing left after SIGKILL, malformed
+datagrams counted and dropped, and the wire format spoken by an independent peer (a few lines
+of Python with scapy, no ipshift code on the sending side)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ipshift.lab import Lab, LabProcess, Node
+from tests.netns.test_tunnel_forward import TUNNEL
+
+pytestmark = pytest.mark.netns
+
+PEER = r"""
+import json, socket, sys
+from scapy.layers.inet import IP, ICMP
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("192.0.2.2", 4789))
+s.settimeout(5)
+tunnel = ("192.0.2.1", 4789)
+junk = [b"", b"\x10", b"\x20\x00\x00\x00" + bytes(40), b"\x10\x00\x00\x00\x45" + bytes(10),
+        bytes(range(256)) * 4]
+for datagram in junk:
+    s.sendto(datagram, tunnel)
+ping = bytes(IP(src="203.0.113.2", dst="203.0.113.1", ttl=9) / ICMP(id=7, seq=1) / b"hello")
+s.sendto(bytes([0x10, 0, 0, 0]) + ping, tunnel)  # version 1, no flags: complete checksum
+while True:
+    data, sender = s.recvfrom(65535)
+    if len(data) > 24 and data[4] >> 4 == 4 and data[4 + 9] == 1:
+        break
+flags, csum_offset, csum_start = data[0] & 15, data[1], int.from_bytes(data[2:4], "big")
+reply = IP(data[4:])
+rebuilt = IP(data[4:]); del rebuilt.chksum; del rebuilt[ICMP].chksum
+print(json.dumps({
+    "version": data[0] >> 4, "flags": flags, "sender": list(sender),
+    "type": reply[ICMP].type, "src": reply.src, "dst": reply.dst,
+    "payload": bytes(reply[ICMP].payload).decode(),
+    "checksums_ok": bytes(rebuilt) == bytes(reply),
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, Node, Path]]:
+    with Lab("tunnel-life") as lab:
+        a, b = lab.host("a"), lab.host("b")
+        lab.link(a, b, "192.0.2.1/24", "192.0.2.2/24")
+        yield a, b, tmp_path_factory.mktemp("tunnel-life")
+
+
+def start(node: Node, tmp: Path, name: str = "tun-a") -> tuple[LabProcess, Path]:
+    socket = tmp / f"{name}-{len(list(tmp.iterdir()))}.sock"
+    proc = node.spawn([*TUNNEL, "run", "--dev", name, "--local", "192.0.2.1:4789", "--remote",
+                       "192.0.2.2:4789", "--address", "203.0.113.1/30", "--socket", str(socket)],
+                      name="tunnel")
+    assert proc.wait_for_output(" up: ", timeout=20), proc.stderr()
+    return proc, socket
+
+
+def has_link(node: Node, name: str) -> bool:
+    return name in node.run(["ip", "-o", "link", "show"]).stdout
+
+
+def status(node: Node, socket: Path) -> dict[str, object]:
+    res = node.run([*TUNNEL, "status", "--dev", "x", "--socket", str(socket), "--json"],
+                   timeout=20)
+    doc: dict[str, object] = json.loads(res.stdout)
+    return doc
+
+
+def test_sigterm_removes_the_device_and_the_socket(pair: tuple[Node, Node, Path]) -> None:
+    a, _, tmp = pair
+    proc, socket = start(a, tmp)
+    assert has_link(a, "tun-a") and socket.exists()
+    assert "203.0.113.1/30" in a.ip("-o", "addr", "show", "dev", "tun-a")
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0, proc.stderr()
+    assert not has_link(a, "tun-a")
+    assert not socket.exists()
+    assert "tunnel tun-a down" in proc.stderr()
+
+
+def test_sigkill_leaves_nothing_and_a_restart_works(pair: tuple[Node, Node, Path]) -> None:
+    a, _, tmp = pair
+    proc, _ = start(a, tmp, "tun-k")
+    proc.signal(signal.SIGKILL)
+    proc.wait(timeout=15)
+    assert not has_link(a, "tun-k")  # non-persistent: the kernel removed it with the last fd
+    again, _ = start(a, tmp, "tun-k")
+    assert has_link(a, "tun-k")
+    assert again.stop() == 0, again.stderr()
+    assert not has_link(a, "tun-k")
+
+
+def test_an_independent_peer_and_malformed_datagrams(pair: tuple[Node, Node, Path]) -> None:
+    a, b, tmp = pair
+    proc, socket = start(a, tmp)
+    try:
+        res = b.run([sys.executable, "-c", PEER], timeout=30)
+        answer = json.loads(res.stdout)
+        assert answer == {
+            "version": 1, "flags": answer["flags"], "sender": ["192.0.2.1", 4789],
+            "type": 0, "src": "203.0.113.1", "dst": "203.0.113.2", "payload": "hello",
+            "checksums_ok": True,
+        }
+        assert answer["flags"] in (0, 2)  # an ICMP reply carries a complete checksum
+        doc = status(a, socket)
+        counters = doc["counters"]
+        assert isinstance(counters, dict)
+        assert counters["malformed"] == 5 and counters["datagrams_in"] == 1
+        assert proc.running()
+    finally:
+        assert proc.stop() == 0, proc.stderr()
+
+
+def test_a_busy_name_is_a_clear_error(pair: tuple[Node, Node, Path]) -> None:
+    a, _, tmp = pair
+    a.ip("link", "add", "busy0", "type", "veth", "peer", "name", "busy1")
+    try:
+        proc = a.spawn([*TUNNEL, "run", "--dev", "busy0", "--local", "192.0.2.1:4789",
+                        "--remote", "192.0.2.2:4789", "--socket", str(tmp / "busy.sock")],
+                       name="tunnel-busy")
+        assert proc.wait(timeout=20) == 1
+        assert "busy0" in proc.stderr() and "pick another --dev" in proc.stderr()
+    finally:
+        a.ip("link", "del", "busy0")
