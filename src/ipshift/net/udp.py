@@ -97,20 +97,31 @@ def send_segments(
     address: Address | None = None,
 ) -> int:
     """Send the concatenation of buffers as datagrams of segment_size bytes (the last may be
-    shorter) in one sendmsg. segment_size 0 sends one datagram. Returns the bytes sent."""
-    ancillary = [(SOL_UDP, UDP_SEGMENT, _SEGMENT_CMSG.pack(segment_size))] if segment_size else []
+    shorter) in one sendmsg. segment_size 0 sends one datagram. Returns the bytes sent. The
+    batch may hold at most MAX_SEGMENTS datagrams and `max_batch(family)` bytes."""
+    ancillary = _segment_cmsgs.get(segment_size)
+    if ancillary is None:
+        ancillary = [(SOL_UDP, UDP_SEGMENT, _SEGMENT_CMSG.pack(segment_size))] if segment_size \
+            else []
+        if len(_segment_cmsgs) < 64:
+            _segment_cmsgs[segment_size] = ancillary
     if address is None:
         return sock.sendmsg(buffers, ancillary)
     return sock.sendmsg(buffers, ancillary, 0, address)
 
 
+# Control messages per segment size: built once, a tunnel uses one or two sizes.
+_segment_cmsgs: dict[int, list[tuple[int, int, bytes]]] = {}
+
+
 def receive_segments(
-    sock: socket.socket, buffer: bytearray | memoryview
+    sock: socket.socket, buffer: bytearray | memoryview, flags: int = 0
 ) -> tuple[int, int, Address]:
     """Receive into buffer. Returns (bytes, segment size, sender): the bytes are one datagram
     (segment size 0) or several back-to-back datagrams of segment size each, the last possibly
-    shorter. Raises BlockingIOError on a non-blocking socket with nothing queued."""
-    nbytes, ancillary, _flags, sender = sock.recvmsg_into([buffer], GRO_ANCILLARY_SPACE)
+    shorter. Raises BlockingIOError on a non-blocking socket (or with MSG_DONTWAIT in flags)
+    when nothing is queued."""
+    nbytes, ancillary, _flags, sender = sock.recvmsg_into([buffer], GRO_ANCILLARY_SPACE, flags)
     return nbytes, gro_segment_size(ancillary) if ancillary else 0, sender
 
 
