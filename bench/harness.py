@@ -25,6 +25,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "bench.bench_packet",
     "bench.bench_tunnel",
     "bench.bench_resend",
+    "bench.bench_routes",
 )
 
 

@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ipshift.demo",
     "ipshift.resend.cli",
     "ipshift.tunnel.cli",
+    "ipshift.routes.cli",
     "ipshift.lab.cli",
     "ipshift.ctl.cli",
     "ipshift.benchcli",

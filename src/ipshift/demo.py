@@ -19,6 +19,7 @@ from ipshift.cli import UserError
 # name -> "module:function"; each function takes (args) and returns an exit status.
 SCENARIOS: dict[str, tuple[str, str]] = {
     "tunnel": ("ipshift.tunnel.demo", "the fast TUN <-> UDP tunnel across a forwarded hop"),
+    "routes": ("ipshift.routes.demo", "a NAT router with two ISPs: a gateway dies, flows move"),
     "resend": ("ipshift.resend.demo", "a lookup that dials a demand link, without and with "
                                       "ip_resend"),
 }

@@ -1,0 +1,264 @@
+"""Configuration: the seed's iproute2 syntax, TOML, uplink inference and one-line problems."""
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ipshift.routes import config
+from ipshift.routes.config import ConfigError
+from ipshift.routes.iproute import Parser, logical_lines, parse_commands
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "routes"
+TABLES = {"main": 254, "default": 253, "local": 255}
+
+SEED_MASQUERADE = """
+# First, check the link routes by destination
+ip rule add prio 10 table main
+ip rule add prio 20 from 198.51.100.0/26 table 20
+ip route append default via 198.51.100.1 dev wan0 src 198.51.100.2 table 20
+ip rule add prio 30 from 203.0.113.0/26 table 30
+ip route append default via 203.0.113.1 dev wan1 src 203.0.113.2 table 30
+ip rule add prio 100 from 192.0.2.0/24 table 100
+ip route add default table 100 \\
+        nexthop via 198.51.100.1 dev wan0 \\
+        nexthop via 203.0.113.1 dev wan1
+ip rule add prio 200 table 200
+ip route append default via 198.51.100.1 dev wan0 src 198.51.100.2 table 200
+ip route append default via 203.0.113.1 dev wan1 src 203.0.113.2 table 200
+"""
+
+
+def test_seed_masquerade_example_parses_as_written():
+    cfg = config.loads(SEED_MASQUERADE, tables=TABLES)
+    assert [r.priority for r in cfg.rules] == [10, 20, 30, 100, 200]
+    assert cfg.rules[0].table == 254 and cfg.rules[1].src == ipaddress.ip_network(
+        "198.51.100.0/26")
+    multipath = [r for r in cfg.routes if r.table == 100]
+    assert len(multipath) == 1 and multipath[0].multipath
+    assert [nh.dev for nh in multipath[0].nexthops] == ["wan0", "wan1"]
+    alternatives = cfg.groups()[(4, 200, ipaddress.ip_network("0.0.0.0/0"), 0, 0, None)]
+    assert [r.nexthops[0].dev for r in alternatives] == ["wan0", "wan1"]
+    # uplinks inferred from the gateways, sources from the single-path routes
+    assert [(u.name, str(u.gateway), str(u.source)) for u in cfg.uplinks] == [
+        ("wan0", "198.51.100.1", "198.51.100.2"), ("wan1", "203.0.113.1", "203.0.113.2")]
+    assert all(u.targets == (u.gateway,) and u.gateway_probe for u in cfg.uplinks)
+    assert len({u.table for u in cfg.uplinks}) == 2 and len({u.mark for u in cfg.uplinks}) == 2
+
+
+def test_example_files_check_clean():
+    for path in sorted(EXAMPLES.iterdir()):
+        cfg, problems = config.check(path, tables=TABLES)
+        errors = [str(p) for p in problems if p.severity == "error"]
+        assert cfg is not None and not errors, (path, errors)
+
+
+def test_static_routes_and_multipath_weights():
+    text = """
+    ip route add 203.0.113.0/26 table 100 proto static nexthop dev ppp0 \\
+        nexthop via 192.0.2.1 dev eth0 weight 3
+    ip route add 198.51.100.0/24 table 100 proto static dev wan0
+    """
+    rules, routes, problems = parse_commands(text, tables=TABLES)
+    assert not problems and not rules
+    assert routes[0].static and routes[0].multipath
+    assert [(nh.dev, nh.weight) for nh in routes[0].nexthops] == [("ppp0", 1), ("eth0", 3)]
+    assert routes[1].nexthops[0].gateway is None and routes[1].static
+
+
+def test_alternative_direct_and_gatewayed_routes():
+    text = """
+    ip route append 203.0.113.0/26 via 192.0.2.1 dev eth0
+    ip route append 203.0.113.0/26 via 192.0.2.2 dev eth0
+    ip route append 203.0.113.0/26 via 198.51.100.1 dev eth1
+    """
+    cfg = config.loads(text, tables=TABLES)
+    assert len(cfg.groups()) == 1
+    names = [u.name for u in cfg.uplinks]
+    # two gateways on one device: uplinks are named device-gateway
+    assert names == ["eth0-192.0.2.1", "eth0-192.0.2.2", "eth1"]
+
+
+def test_ipv6_routes_and_rules():
+    text = """
+    ip -6 rule add prio 20 from 2001:db8:1::/48 table 20
+    ip -6 route append default via 2001:db8:1::1 dev wan0 table 20
+    ip route append default via fe80::1 dev wan1 table 20
+    """
+    cfg = config.loads(text, tables=TABLES)
+    assert cfg.rules[0].family == 6
+    assert [r.family for r in cfg.routes] == [6, 6]
+    assert {u.family for u in cfg.uplinks} == {6}
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("ip route add default via 198.51.100.1", "give the device"),
+    ("ip route add default table 100 via 198.51.100.1 dev wan0 weight 2", "weight"),
+    ("ip rule add from 192.0.2.0/24 table 100", "priority"),
+    ("ip rule add prio 100 from 192.0.2.0/24 table 100 nat 0", "nat"),
+    ("ip route add default via 198.51.100.1 dev wan0 realm 3", "realm"),
+    ("ip route add 203.0.113.1/26 dev wan0", "host bits"),
+    ("ip route add default via 2001:db8::1 dev wan0 src 198.51.100.2", "IPv"),
+    ("ip route add default table nosuch via 198.51.100.1 dev wan0", "unknown table"),
+    ("ip link set wan0 up", "ip link"),
+    ("ip route flush table 100", "not a configuration command"),
+    ("ip route add default", "needs"),
+])
+def test_problems_are_one_line_and_name_the_line(line, fragment):
+    _, _, problems = parse_commands("\n" + line + "\n", "f.ip", tables=TABLES)
+    assert len(problems) == 1
+    text = str(problems[0])
+    assert "\n" not in text and text.startswith("f.ip:2:") and fragment in text
+
+
+def test_add_twice_needs_append():
+    text = ("ip route add default via 198.51.100.1 dev wan0\n"
+            "ip route add default via 203.0.113.1 dev wan1\n")
+    _, routes, problems = parse_commands(text, tables=TABLES)
+    assert len(routes) == 1 and "append" in str(problems[0])
+
+
+def test_other_commands_are_warnings():
+    text = "ipchains -A forward -s 192.0.2.0/24 -j MASQ\nip rule add prio 10 table main\n"
+    rules, _, problems = parse_commands(text, tables=TABLES)
+    assert len(rules) == 1 and problems[0].severity == "warning"
+
+
+def test_replace_prepend_delete():
+    p = Parser(TABLES)
+    p.feed("ip route append default via 198.51.100.1 dev wan0\n"
+           "ip route prepend default via 203.0.113.1 dev wan1\n"
+           "ip route replace default via 198.51.100.9 dev wan0\n"
+           "ip route append default via 198.51.100.2 dev wan0\n"
+           "ip route del default via 198.51.100.1 dev wan0\n")
+    assert not p.problems
+    # prepend puts wan1 first, replace swaps the first of the group (as the kernel does)
+    assert [str(r.nexthops[0].gateway) for r in p.routes] == ["198.51.100.9", "198.51.100.2"]
+
+
+def test_logical_lines_comments_and_continuations():
+    text = "a b # comment\n# only comment\nc \\\n  d\\\n e\n'#x' y\n"
+    assert list(logical_lines(text)) == [(1, "a b"), (3, "c d e"), (6, "'#x' y")]
+
+
+def test_toml_uplinks_rules_routes(tmp_path):
+    hook = tmp_path / "hook.sh"
+    hook.write_text("#!/bin/sh\n")
+    hook.chmod(0o755)
+    (tmp_path / "extra.ip").write_text("ip rule add prio 10 table main\n")
+    path = tmp_path / "r.toml"
+    path.write_text(f"""
+include = ["extra.ip"]
+[daemon]
+profile = "fast"
+hooks = ["{hook}"]
+failback = "move"
+metrics = "127.0.0.1:9465"
+
+[[uplink]]
+name = "isp1"
+interface = "wan0"
+gateway = "198.51.100.1"
+source = "198.51.100.2"
+targets = ["203.0.113.200", "203.0.113.201"]
+quorum = 1
+interval = 0.1
+
+[[uplink]]
+name = "isp2"
+interface = "wan1"
+gateway = "203.0.113.1"
+profile = "default"
+
+[[rule]]
+priority = 100
+from = "192.0.2.0/24"
+table = 100
+
+[[route]]
+table = 100
+nexthops = [{{ uplink = "isp1", weight = 2 }}, {{ uplink = "isp2" }}]
+
+[[route]]
+table = 200
+uplink = "isp1"
+src = "198.51.100.2"
+
+[[route]]
+table = 200
+uplink = "isp2"
+""")
+    cfg = config.load(path, tables=TABLES)
+    isp1, isp2 = cfg.uplinks
+    assert isp1.profile.interval == 0.1 and isp1.profile.down_count == 10
+    assert isp1.targets == (ipaddress.ip_address("203.0.113.200"),
+                            ipaddress.ip_address("203.0.113.201"))
+    assert isp2.profile.name == "default" and isp2.targets == (isp2.gateway,)
+    assert cfg.settings.failback == "move" and cfg.settings.hooks == (str(hook),)
+    assert [r.priority for r in cfg.rules] == [10, 100]
+    mp = cfg.routes[0]
+    assert mp.multipath and [nh.weight for nh in mp.nexthops] == [2, 1]
+    assert len(cfg.groups()) == 2
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ('[daemon]\nfailback = "never"\n', "failback"),
+    ('[daemon]\nprofile = "turbo"\n', "unknown profile"),
+    ('[daemon]\nhooks = ["/nonexistent/hook"]\n', "does not exist"),
+    ('[daemon]\nmetrics = "9465"\n', "ADDRESS:PORT"),
+    ('[daemon]\nbogus = 1\n', "unknown key"),
+    ('[[uplink]]\ninterface = "wan0"\ngateway = "198.51.100.1"\nquorum = 3\n', "quorum"),
+    ('[[uplink]]\ninterface = "wan0"\ngateway = "198.51.100.1"\ninterval = 0\n', "positive"),
+    ('[[uplink]]\ngateway = "198.51.100.1"\n', "interface"),
+    ('[[uplink]]\ninterface = "wan0"\ngateway = "2001:db8::1"\nsource = "198.51.100.2"\n',
+     "IPv"),
+    ('[[route]]\nuplink = "nope"\n', "no [[uplink]]"),
+    ('[[route]]\ntable = 255\nvia = "198.51.100.1"\ndev = "wan0"\n', "local table"),
+    ('[[rule]]\npriority = 5\ntable = 100\n', "rule_priority"),
+    ('ip = "ip route add default dev"\n', "needs a value"),
+    ('', "nothing to do"),
+    ('x = [\n', "not valid TOML"),
+])
+def test_toml_problems(tmp_path, body, fragment):
+    path = tmp_path / "c.toml"
+    path.write_text(body)
+    _cfg, problems = config.check(path, tables=TABLES)
+    errors = [str(p) for p in problems if p.severity == "error"]
+    assert errors, body
+    assert any(fragment in e for e in errors), errors
+    assert all("\n" not in e for e in errors)
+    with pytest.raises(ConfigError):
+        config.load(path, tables=TABLES)
+
+
+def test_missing_file_is_one_line():
+    _, problems = config.check("/nonexistent/routes.toml")
+    assert len(problems) == 1 and "cannot read" in str(problems[0])
+
+
+WORDS = st.sampled_from(["ip", "route", "rule", "add", "append", "default", "via", "dev",
+                         "nexthop", "weight", "table", "prio", "from", "src", "proto", "static",
+                         "198.51.100.1", "wan0", "100", "2", "192.0.2.0/24", "\\", "#", "-6",
+                         "metric", "scope", "link", "onlink", "blackhole", "2001:db8::1", "not",
+                         "fwmark", "0x10/0xff", "lookup", "main", "del", "replace"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.lists(WORDS, max_size=14), max_size=6))
+def test_parser_never_crashes(lines):
+    """Any word salad yields routes/rules or one-line problems, never an exception."""
+    text = "\n".join(" ".join(words) for words in lines)
+    _rules, routes, problems = parse_commands(text, tables=TABLES)
+    for p in problems:
+        assert "\n" not in str(p)
+    for r in routes:
+        assert all(nh.dev for nh in r.nexthops)
+        assert r.family == r.dst.version
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_parser_fuzz_text(text):
+    parse_commands(text, tables=TABLES)
