@@ -29,7 +29,7 @@ from typing import Any
 
 from bench.harness import RESULTS_DIR, Context, Row, benchmark
 from ipshift.lab import Lab, LabError
-from ipshift.routes.testbed import IspSite, UdpFlows, seed_config
+from ipshift.lab.isps import IspSite, UdpFlows, seed_config
 
 
 def _p95(values: list[float]) -> float:

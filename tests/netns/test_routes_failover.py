@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ipshift.net.conntrack import Conntrack
-from ipshift.routes.testbed import (
+from ipshift.lab.isps import (
     SERVER,
     IspSite,
     UdpFlows,
@@ -21,6 +20,7 @@ from ipshift.routes.testbed import (
     seed_config,
     toml_config,
 )
+from ipshift.net.conntrack import Conntrack
 
 ROOT = Path(__file__).resolve().parents[2]
 

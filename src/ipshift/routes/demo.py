@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ipshift.demo import say
 from ipshift.lab import Lab
-from ipshift.routes.testbed import IspSite, UdpFlows, seed_config
+from ipshift.lab.isps import IspSite, UdpFlows, seed_config
 
 
 def _spread(site: IspSite, flows: UdpFlows, seconds: float) -> str:

@@ -13,7 +13,7 @@ With more than three ISPs (the 16-uplink benchmark) ISP k serves 198.51.100.16k/
 router forwards to `net`, which holds the server addresses on its loopback and routes each
 ISP's prefix back through that ISP. The router masquerades the LAN on every uplink (nftables).
 
-Never used by the daemon (DESIGN: lab is for tests, bench and demo only).
+Used by the routes tests, bench and demo; like all of ipshift.lab, never by a daemon.
 """
 
 from __future__ import annotations
