@@ -16,12 +16,11 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from ipshift.lab import Lab, LabProcess, Node
+from ipshift.lab.scenarios import TunnelSite
 from tests.netns.conftest import need
 
 pytestmark = pytest.mark.netns
@@ -32,40 +31,14 @@ CSUM_COUNTERS = ("TcpInCsumErrors", "UdpInCsumErrors", "Udp6InCsumErrors", "IpIn
 IPERF_SECONDS = 2
 
 
-@dataclass
-class Site:
-    lab: Lab
-    h1: Node
-    g1: Node
-    r: Node
-    g2: Node
-    h2: Node
-    tmp: Path
+class Site(TunnelSite):
+    """The shared topology, with the names these tests use."""
 
     def tunnel(self, gateway: Node, *extra: str) -> LabProcess:
-        """Start the tunnel on g1 or g2 and wait until it is up."""
-        if gateway is self.g1:
-            args = ["--dev", "tun-g1", "--local", "192.0.2.1:4789", "--remote", "192.0.2.129:4789",
-                    "--address", "203.0.113.1/30", "--address", "2001:db8:ff::1/64",
-                    "--route", "198.51.100.64/26", "--route", "2001:db8:b::/64"]
-        else:
-            args = ["--dev", "tun-g2", "--local", "192.0.2.129:4789", "--remote", "192.0.2.1:4789",
-                    "--address", "203.0.113.2/30", "--address", "2001:db8:ff::2/64",
-                    "--route", "198.51.100.0/26", "--route", "2001:db8:a::/64"]
-        socket = self.tmp / f"{gateway.name}-{len(list(self.tmp.iterdir()))}.sock"
-        proc = gateway.spawn([*TUNNEL, "run", *args, "--socket", str(socket), *extra],
-                             name=f"tunnel-{gateway.name}")
-        if not proc.wait_for_output(" up: ", timeout=20):
-            proc.stop()
-            raise AssertionError(f"tunnel on {gateway.name} did not start: {proc.stderr()}")
-        return proc
+        return self.start_tunnel(gateway, *extra)
 
     def status(self, gateway: Node, proc: LabProcess) -> dict[str, int]:
-        socket = next(a for a in proc.argv if a.endswith(".sock"))
-        res = gateway.run([*TUNNEL, "status", "--dev", "x", "--socket", socket, "--json"],
-                          timeout=20)
-        counters: dict[str, int] = json.loads(res.stdout)["counters"]
-        return counters
+        return self.counters(gateway, proc)
 
 
 def checksum_errors(node: Node) -> dict[str, int]:
@@ -99,29 +72,7 @@ def iperf(site: Site, dst: str, *extra: str) -> tuple[int, str]:
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     need("iperf3", "ethtool", "nstat")
     with Lab("tunnel") as lab:
-        h1, g1, r = lab.host("h1"), lab.router("g1"), lab.router("r")
-        g2, h2 = lab.router("g2"), lab.host("h2")
-        l1 = lab.link(h1, g1, "198.51.100.1/26", "198.51.100.62/26",
-                      v6=("2001:db8:a::1/64", "2001:db8:a::ff/64"))
-        u1 = lab.link(g1, r, "192.0.2.1/25", "192.0.2.126/25")
-        u2 = lab.link(r, g2, "192.0.2.254/25", "192.0.2.129/25")
-        g1.ip("route", "add", "192.0.2.128/25", "via", "192.0.2.126")
-        g2.ip("route", "add", "192.0.2.0/25", "via", "192.0.2.254")
-        l2 = lab.link(g2, h2, "198.51.100.126/26", "198.51.100.65/26",
-                      v6=("2001:db8:b::ff/64", "2001:db8:b::1/64"))
-        h1.ip("route", "add", "default", "via", "198.51.100.62")
-        h1.ip("-6", "route", "add", "default", "via", "2001:db8:a::ff")
-        h2.ip("route", "add", "default", "via", "198.51.100.126")
-        h2.ip("-6", "route", "add", "default", "via", "2001:db8:b::ff")
-        # software checksums on every forwarded hop toward a host, and in the underlay
-        g1.run(["ethtool", "-K", l1.b.ifname, "tx", "off"])
-        g2.run(["ethtool", "-K", l2.a.ifname, "tx", "off"])
-        r.run(["ethtool", "-K", u1.b.ifname, "tx", "off"])
-        r.run(["ethtool", "-K", u2.a.ifname, "tx", "off"])
-        # GRO on the underlay ends: the datagrams r cut apart come back as UDP_GRO batches
-        g1.run(["ethtool", "-K", u1.a.ifname, "gro", "on"])
-        g2.run(["ethtool", "-K", u2.b.ifname, "gro", "on"])
-        yield Site(lab, h1, g1, r, g2, h2, tmp_path_factory.mktemp("tunnel"))
+        yield Site(lab, tmp_path_factory.mktemp("tunnel"))
 
 
 @pytest.fixture

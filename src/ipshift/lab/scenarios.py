@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ipshift.lab.topology import Lab, LabError, LabProcess, Node
 
@@ -143,3 +143,71 @@ class DialupSite:
         return float(seconds), out.strip() if int(rc) == 0 else ""
 
 
+
+
+class TunnelSite:
+    """Two sites joined by the user-space tunnel across a routed underlay:
+
+        h1 --(198.51.100.0/26, 2001:db8:a::/64)-- g1 ==(192.0.2.0/25 - r - 192.0.2.128/25)== g2
+        g2 --(198.51.100.64/26, 2001:db8:b::/64)-- h2
+
+    Software checksumming (`tx off`) on every forwarded hop toward a host and in the underlay, so a
+    wrong partial-checksum rule shows up as drops; GRO on the underlay ends, so datagrams arrive
+    as UDP_GRO batches. `start_tunnel(g1|g2)` runs `ipshift tunnel run` with the inner routes.
+    """
+
+    TUNNEL: ClassVar[list[str]] = [sys.executable, "-m", "ipshift", "tunnel"]
+
+    def __init__(self, lab: Lab, sockets: Path) -> None:
+        self.lab = lab
+        self.sockets = sockets
+        h1, g1, r = lab.host("h1"), lab.router("g1"), lab.router("r")
+        g2, h2 = lab.router("g2"), lab.host("h2")
+        self.h1, self.g1, self.r, self.g2, self.h2 = h1, g1, r, g2, h2
+        l1 = lab.link(h1, g1, "198.51.100.1/26", "198.51.100.62/26",
+                      v6=("2001:db8:a::1/64", "2001:db8:a::ff/64"))
+        u1 = lab.link(g1, r, "192.0.2.1/25", "192.0.2.126/25")
+        u2 = lab.link(r, g2, "192.0.2.254/25", "192.0.2.129/25")
+        l2 = lab.link(g2, h2, "198.51.100.126/26", "198.51.100.65/26",
+                      v6=("2001:db8:b::ff/64", "2001:db8:b::1/64"))
+        g1.ip("route", "add", "192.0.2.128/25", "via", "192.0.2.126")
+        g2.ip("route", "add", "192.0.2.0/25", "via", "192.0.2.254")
+        h1.ip("route", "add", "default", "via", "198.51.100.62")
+        h1.ip("-6", "route", "add", "default", "via", "2001:db8:a::ff")
+        h2.ip("route", "add", "default", "via", "198.51.100.126")
+        h2.ip("-6", "route", "add", "default", "via", "2001:db8:b::ff")
+        for node, ifname in ((g1, l1.b.ifname), (g2, l2.a.ifname), (r, u1.b.ifname),
+                             (r, u2.a.ifname)):
+            node.run(["ethtool", "-K", ifname, "tx", "off"])
+        g1.run(["ethtool", "-K", u1.a.ifname, "gro", "on"])
+        g2.run(["ethtool", "-K", u2.b.ifname, "gro", "on"])
+
+    def start_tunnel(self, gateway: Node, *extra: str, v6: bool = True) -> LabProcess:
+        """Start the tunnel end on g1 or g2 and wait until it is up."""
+        if gateway is self.g1:
+            args = ["--dev", "tun-g1", "--local", "192.0.2.1:4789", "--remote",
+                    "192.0.2.129:4789", "--address", "203.0.113.1/30",
+                    "--route", "198.51.100.64/26"]
+            args += ["--address", "2001:db8:ff::1/64", "--route", "2001:db8:b::/64"] if v6 else []
+        else:
+            args = ["--dev", "tun-g2", "--local", "192.0.2.129:4789", "--remote",
+                    "192.0.2.1:4789", "--address", "203.0.113.2/30",
+                    "--route", "198.51.100.0/26"]
+            args += ["--address", "2001:db8:ff::2/64", "--route", "2001:db8:a::/64"] if v6 else []
+        socket = self.socket_of(gateway, len(list(self.sockets.iterdir())))
+        proc = gateway.spawn([*self.TUNNEL, "run", *args, "--socket", str(socket), *extra],
+                             name=f"tunnel-{gateway.name}")
+        if not proc.wait_for_output(" up: ", timeout=20):
+            proc.stop()
+            raise LabError(f"the tunnel on {gateway.name} did not start: {proc.stderr().strip()}")
+        return proc
+
+    def socket_of(self, gateway: Node, serial: int) -> Path:
+        return self.sockets / f"{gateway.name}-{serial}.sock"
+
+    def counters(self, gateway: Node, proc: LabProcess) -> dict[str, int]:
+        socket = next(a for a in proc.argv if a.endswith(".sock"))
+        res = gateway.run([*self.TUNNEL, "status", "--dev", "x", "--socket", socket, "--json"],
+                          timeout=20)
+        counters: dict[str, int] = json.loads(res.stdout)["counters"]
+        return counters
