@@ -156,7 +156,7 @@ class RuleSpec:
     fwmask: int | None = None
     tos: int = 0
     invert: bool = False
-    origin: str = ""
+    origin: str = field(default="", compare=False)  # where it was written; not identity
 
     def describe(self) -> str:
         parts = [f"prio {self.priority}"]

@@ -86,25 +86,9 @@ class KRoute:
         return " ".join(parts)
 
 
-@dataclass(frozen=True)
-class KRule:
-    family: int
-    priority: int
-    table: int = 254
-    action: str = "lookup"
-    src: IPNetwork | None = None
-    dst: IPNetwork | None = None
-    iif: str | None = None
-    oif: str | None = None
-    fwmark: int | None = None
-    fwmask: int | None = None
-    tos: int = 0
-    invert: bool = False
-
-    @classmethod
-    def from_spec(cls, r: RuleSpec) -> KRule:
-        return cls(r.family, r.priority, r.table, r.action, r.src, r.dst, r.iif, r.oif, r.fwmark,
-                   r.fwmask, r.tos, r.invert)
+#: A rule as the kernel holds it is the configured RuleSpec itself: its `origin` takes no part
+#: in equality or hashing, so a rule read back from the kernel equals the one configured.
+KRule = RuleSpec
 
 
 # ---- actions -------------------------------------------------------------------------------
@@ -385,7 +369,7 @@ class Planner:
 
     def desired_rules(self) -> set[KRule]:
         s = self.config.settings
-        rules = {KRule.from_spec(r) for r in self.config.rules}
+        rules = set(self.config.rules)
         for up in self.config.uplinks:
             rules.add(KRule(up.family, s.rule_priority, up.table, fwmark=up.mark,
                             fwmask=s.mark_mask))
