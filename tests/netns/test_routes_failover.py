@@ -48,7 +48,7 @@ def udp_entries(site, reply_dst):
 
 def routes_cli(site, *args):
     env = {"PYTHONPATH": str(ROOT / "src")}
-    return site.r.run([sys.executable, "-m", "ipshift.routes", *args, "--socket",
+    return site.r.run([sys.executable, "-m", "ipshift", "routes", *args, "--socket",
                        str(site.socket)], check=False, env=env, timeout=30)
 
 
@@ -249,7 +249,7 @@ def test_second_instance_refuses_to_start(lab, run_dir):
     site = IspSite(lab, 1, run_dir=run_dir)
     site.write_config(seed_config(site.isps))
     site.start_daemon(profile="fast")
-    res = site.r.run([sys.executable, "-m", "ipshift.routes", "run", "-c",
+    res = site.r.run([sys.executable, "-m", "ipshift", "routes", "run", "-c",
                       str(site.config_path), "--socket", str(site.socket)], check=False,
                      env={"PYTHONPATH": str(ROOT / "src")}, timeout=30)
     assert res.returncode == 2

@@ -169,7 +169,7 @@ def test_neighbour_discovery_codec():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "ipshift.routes", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "ipshift", "routes", *args], capture_output=True,
                           text=True, timeout=60, cwd=ROOT)
 
 

@@ -166,7 +166,7 @@ class IspSite:
         path = config or self.config_path
         if path is None:
             path = self.write_config(seed_config(self.isps))
-        argv = [sys.executable, "-m", "ipshift.routes", "-v", "run", "-c", str(path),
+        argv = [sys.executable, "-m", "ipshift", "-v", "routes", "run", "-c", str(path),
                 "--socket", str(self.socket), *extra_args]
         if profile:
             argv += ["--profile", profile]
