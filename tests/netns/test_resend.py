@@ -158,3 +158,48 @@ def test_wakeup_without_daemon_says_so(tmp_path):
                           "-c", str(tmp_path / "none")], capture_output=True, text=True)
     assert res.returncode == 2
     assert "Unable to reach ip_resend" in res.stderr
+
+
+DIALD_PROXY = (
+    "import os, sys\n"
+    "from ipshift.net.tun import open_tun\n"
+    "dev = open_tun('sl0', vnet_hdr=False, offloads=0)\n"
+    "print('proxy ready', flush=True)\n"
+    "while True:\n"
+    "    os.read(dev.fd, 65535)  # diald's proxy: swallows what is routed to it while down\n"
+)
+
+
+def test_diald_proxy_interface_with_snoop_option(lab, tmp_path):
+    """The seed's diald case: packets are snooped on the proxy interface (-s sl0) and resent
+    on the real link (-o ppp0) once diald has brought it up and moved the routes."""
+    need("dnsmasq", "dig")
+    home, isp = lab.host("home"), lab.host("isp")
+    lab.link(home, isp, None, "203.0.113.1/24", name_a="ppp0", name_b="to-home")
+    isp.ip("addr", "add", f"{DNS4}/32", "dev", "lo")
+    dns = isp.spawn(["dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--bind-interfaces",
+                     f"--listen-address={DNS4}", f"--host-record={NAME},{A}", "--log-queries",
+                     "--pid-file=", "--user=root"])
+    proxy = home.spawn([sys.executable, "-c", DIALD_PROXY], name="diald-proxy")
+    assert proxy.wait_for_output("proxy ready", timeout=10), proxy.stderr()
+    home.ip("addr", "add", "192.0.2.99", "peer", "192.0.2.98", "dev", "sl0")
+    home.ip("link", "set", "sl0", "up")
+    home.ip("route", "add", "default", "dev", "sl0")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    env = {"IPSHIFT_RUN_DIR": str(run_dir)}
+    resend = home.spawn([sys.executable, "-m", "ipshift", "resend", "run", "-o", "ppp0", "-s",
+                         "sl0", "-d", "1"], env=env, name="ip_resend")
+    assert resend.wait_for_output("armed", timeout=15), resend.stderr()
+    query = home.spawn(["dig", "+tries=1", "+timeout=8", "+short", f"@{DNS4}", NAME, "A"],
+                       name="dig")
+    assert resend.wait_for_output("captured first packet", timeout=10), resend.stderr()
+    # diald brings the link up with a new address and moves the default route to it
+    home.ip("addr", "add", "203.0.113.100/24", "dev", "ppp0")
+    home.ip("route", "replace", "default", "via", "203.0.113.1", "dev", "ppp0")
+    woke = home.run([sys.executable, "-m", "ipshift.resend.wakeup", "-m", "203.0.113.100",
+                     "-o", "ppp0"], env=env)
+    assert "resent 1 packet" in woke.stdout
+    assert query.wait(timeout=15) == 0
+    assert query.stdout().strip() == A, resend.stderr() + dns.stderr()
+    assert resend.wait(timeout=15) == 0  # one-shot: the cycle is over
