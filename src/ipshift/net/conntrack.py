@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ipshift.net import netns as _netns
+from ipshift.net import nlmsg
 from ipshift.net.errors import NetError, ParseError
+from ipshift.net.nlmsg import NLMSG_DONE, NLMSG_ERROR
 
 # status bits (enum ip_conntrack_status)
 IPS_EXPECTED = 1 << 0
@@ -173,13 +175,9 @@ IPCTNL_MSG_CT_GET = 1
 IPCTNL_MSG_CT_DELETE = 2
 MSG_CT_GET = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
 MSG_CT_DELETE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 NLM_F_DUMP = 0x300
-NLA_F_NESTED = 0x8000
-NLA_TYPE_MASK = 0x3FFF
 
 CTA_TUPLE_ORIG = 1
 CTA_TUPLE_REPLY = 2
@@ -214,20 +212,15 @@ FILTER_IP_SRC = 1 << 0
 FILTER_IP_DST = 1 << 1
 FILTER_PROTO_NUM = 1 << 3
 
-_NLMSGHDR = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("=BBH")
-_NLA = struct.Struct("=HH")
 
 
 def _nla(kind: int, payload: bytes, nested: bool = False) -> bytes:
-    length = _NLA.size + len(payload)
-    pad = (-length) & 3
-    return _NLA.pack(length, kind | (NLA_F_NESTED if nested else 0)) + payload + bytes(pad)
+    return nlmsg.attr(kind, payload, nested=nested)
 
 
 def _nlmsg(msg_type: int, flags: int, seq: int, family: int, attrs: bytes) -> bytes:
-    body = _NFGENMSG.pack(family, 0, 0) + attrs
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, flags, seq, 0) + body
+    return nlmsg.message(msg_type, flags, seq, _NFGENMSG.pack(family, 0, 0) + attrs)
 
 
 def _tuple_attrs(
@@ -300,15 +293,7 @@ def build_delete_request(entry: ConntrackEntry, seq: int = 1) -> bytes:
 
 
 def _attrs(data: bytes, what: str) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    off = 0
-    while off + _NLA.size <= len(data):
-        length, kind = _NLA.unpack_from(data, off)
-        if length < _NLA.size or off + length > len(data):
-            raise ParseError(f"bad {what} attribute length {length} at offset {off}")
-        out[kind & NLA_TYPE_MASK] = data[off + _NLA.size : off + length]
-        off += (length + 3) & ~3
-    return out
+    return dict(nlmsg.attributes(data, 0, what))
 
 
 def _u(data: bytes | None, fmt: str, what: str) -> int | None:
@@ -388,25 +373,16 @@ class Reply:
 def parse_messages(data: bytes) -> Reply:
     """Split a ctnetlink datagram into entries, acks/errors (by sequence number) and DONE."""
     out = Reply()
-    off = 0
-    while off < len(data):
-        if off + _NLMSGHDR.size > len(data):
-            raise ParseError(f"truncated netlink header at offset {off}")
-        length, msg_type, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, off)
-        if length < _NLMSGHDR.size or off + length > len(data):
-            raise ParseError(f"bad netlink message length {length} at offset {off}")
-        body = data[off + _NLMSGHDR.size : off + length]
-        if msg_type == NLMSG_ERROR:
-            if len(body) < 4:
-                raise ParseError("truncated netlink error message")
-            out.acks[seq] = -struct.unpack_from("=i", body)[0]
-        elif msg_type == NLMSG_DONE:
-            if len(body) >= 4 and struct.unpack_from("=i", body)[0]:
-                out.acks[seq] = -struct.unpack_from("=i", body)[0]
+    for msg in nlmsg.messages(data):
+        if msg.type == NLMSG_ERROR:
+            out.acks[msg.seq] = nlmsg.error_code(msg.body)
+        elif msg.type == NLMSG_DONE:
+            code = nlmsg.error_code(msg.body, required=False)
+            if code:
+                out.acks[msg.seq] = code
             out.done = True
-        elif msg_type & 0xFF00 == NFNL_SUBSYS_CTNETLINK << 8:
-            out.entries.append(parse_entry(body))
-        off += (length + 3) & ~3
+        elif msg.type & 0xFF00 == NFNL_SUBSYS_CTNETLINK << 8:
+            out.entries.append(parse_entry(msg.body))
     return out
 
 

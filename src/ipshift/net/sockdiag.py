@@ -25,13 +25,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ipshift.net import netns as _netns
+from ipshift.net import nlmsg
 from ipshift.net.errors import NetError, ParseError
+from ipshift.net.nlmsg import NLMSG_DONE, NLMSG_ERROR
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 SOCK_DESTROY = 21
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
 NLM_F_MULTI = 0x2
 NLM_F_ACK = 0x4
@@ -51,13 +51,11 @@ ALL_STATES = 0xFFFFFFFF
 
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 
-_NLMSGHDR = struct.Struct("=IHHII")
 _SOCKID = struct.Struct("!HH16s16s")  # ports and addresses are big-endian
 _SOCKID_TAIL = struct.Struct("=III")  # if, cookie[2]: host order
 _REQ_HEAD = struct.Struct("=BBBxI")
 _MSG_HEAD = struct.Struct("=BBBB")
 _MSG_TAIL = struct.Struct("=IIIII")  # expires, rqueue, wqueue, uid, inode
-_RTATTR = struct.Struct("=HH")
 SOCKID_LEN = _SOCKID.size + _SOCKID_TAIL.size  # 48
 REQ_LEN = _REQ_HEAD.size + SOCKID_LEN  # 56
 MSG_LEN = _MSG_HEAD.size + SOCKID_LEN + _MSG_TAIL.size  # 72
@@ -126,7 +124,7 @@ def build_request(
     if len(sockid) != SOCKID_LEN:
         raise ValueError("inet_diag_sockid must be 48 bytes")
     body = _REQ_HEAD.pack(family, protocol, 0, states & 0xFFFFFFFF) + sockid
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, flags, seq, 0) + body
+    return nlmsg.message(msg_type, flags, seq, body)
 
 
 def build_dump_request(family: int, protocol: int, states: int = ALL_STATES, seq: int = 1) -> bytes:
@@ -174,12 +172,7 @@ def parse_socket_info(body: bytes, protocol: int) -> SocketInfo:
 
 
 def _attributes(data: bytes, off: int) -> Iterator[tuple[int, bytes]]:
-    while off + _RTATTR.size <= len(data):
-        length, kind = _RTATTR.unpack_from(data, off)
-        if length < _RTATTR.size or off + length > len(data):
-            raise ParseError(f"bad rtattr length {length} at offset {off}")
-        yield kind & 0x3FFF, data[off + _RTATTR.size : off + length]
-        off += (length + 3) & ~3
+    return nlmsg.attributes(data, off, "rtattr")
 
 
 @dataclass
@@ -195,28 +188,17 @@ def parse_messages(data: bytes, protocol: int, seq: int | None = None) -> _Batch
     With `seq`, messages answering other requests (left over after an error) are skipped.
     """
     out = _Batch([], False, 0)
-    off = 0
-    while off < len(data):
-        if off + _NLMSGHDR.size > len(data):
-            raise ParseError(f"truncated netlink header at offset {off}")
-        length, msg_type, _flags, msg_seq, _pid = _NLMSGHDR.unpack_from(data, off)
-        if length < _NLMSGHDR.size or off + length > len(data):
-            raise ParseError(f"bad netlink message length {length} at offset {off}")
-        body = data[off + _NLMSGHDR.size : off + length]
-        if seq is not None and msg_seq != seq:
-            pass
-        elif msg_type == NLMSG_ERROR:
-            if len(body) < 4:
-                raise ParseError("truncated netlink error message")
-            out.error = -struct.unpack_from("=i", body)[0]
+    for msg in nlmsg.messages(data):
+        if seq is not None and msg.seq != seq:
+            continue
+        if msg.type == NLMSG_ERROR:
+            out.error = nlmsg.error_code(msg.body)
             out.done = True
-        elif msg_type == NLMSG_DONE:
-            if len(body) >= 4:
-                out.error = -struct.unpack_from("=i", body)[0]
+        elif msg.type == NLMSG_DONE:
+            out.error = nlmsg.error_code(msg.body, required=False)
             out.done = True
-        elif msg_type == SOCK_DIAG_BY_FAMILY:
-            out.sockets.append(parse_socket_info(body, protocol))
-        off += (length + 3) & ~3
+        elif msg.type == SOCK_DIAG_BY_FAMILY:
+            out.sockets.append(parse_socket_info(msg.body, protocol))
     return out
 
 
@@ -268,7 +250,7 @@ class SockDiag:
 
     def _exchange_locked(self, request: bytes, protocol: int, what: str) -> list[SocketInfo]:
         out: list[SocketInfo] = []
-        seq = _NLMSGHDR.unpack_from(request)[3]
+        seq = nlmsg.HEADER.unpack_from(request)[3]
         try:
             self._sock.send(request)
             while True:

@@ -17,12 +17,14 @@ import struct
 from collections.abc import Callable, Sequence
 
 from ipshift.net import netns as _netns
+from ipshift.net import nlmsg
+from ipshift.net.errors import ParseError
+from ipshift.net.nlmsg import NLMSG_ERROR
 from ipshift.routes.plan import KRoute
 
 NETLINK_ROUTE = 0
 RTM_NEWROUTE = 24
 RTM_DELROUTE = 25
-NLMSG_ERROR = 2
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 NLM_F_REPLACE = 0x100
@@ -35,15 +37,12 @@ RT_SCOPE_NOWHERE = 255
 ROUTE_TYPE_IDS = {"unicast": 1, "blackhole": 6, "unreachable": 7, "prohibit": 8, "throw": 9}
 V6_DEFAULT_METRIC = 1024
 
-_NLMSGHDR = struct.Struct("=IHHII")
 _RTMSG = struct.Struct("=BBBBBBBBI")
-_RTA = struct.Struct("=HH")
 _RTNH = struct.Struct("=HBBi")
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
-    length = _RTA.size + len(payload)
-    return _RTA.pack(length, kind) + payload + b"\0" * (-length % 4)
+    return nlmsg.attr(kind, payload)
 
 
 def encode_route(verb: str, route: KRoute, proto: int, index_of: Callable[[str], int],
@@ -85,7 +84,7 @@ def encode_route(verb: str, route: KRoute, proto: int, index_of: Callable[[str],
                                nh.weight - 1, index_of(nh.dev)) + inner
         attrs.append(_attr(RTA_MULTIPATH, hops))
     payload = body + b"".join(attrs)
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(payload), msg_type, flags, seq, 0) + payload
+    return nlmsg.message(msg_type, flags, seq, payload)
 
 
 class RouteBatch:
@@ -141,13 +140,10 @@ def _open() -> socket.socket:
 
 def _acks(buf: bytes) -> list[tuple[int, int]]:
     out = []
-    offset = 0
-    while offset + _NLMSGHDR.size <= len(buf):
-        length, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(buf, offset)
-        if length < _NLMSGHDR.size:
-            break
-        if kind == NLMSG_ERROR and length >= _NLMSGHDR.size + 4:
-            (code,) = struct.unpack_from("=i", buf, offset + _NLMSGHDR.size)
-            out.append((seq, -code))
-        offset += (length + 3) & ~3
+    try:
+        for msg in nlmsg.messages(buf):
+            if msg.type == NLMSG_ERROR and len(msg.body) >= 4:
+                out.append((msg.seq, nlmsg.error_code(msg.body)))
+    except ParseError:
+        pass  # acks before a damaged message still count; the rest are retried
     return out
