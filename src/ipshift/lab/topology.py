@@ -32,6 +32,7 @@ from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
 from ipshift.net import netns
+from ipshift.net.nft import Nft, NftError
 
 log = logging.getLogger("ipshift.lab")
 
@@ -265,7 +266,21 @@ class Node:
 
     def nft(self, ruleset: str) -> None:
         """Load nftables text (e.g. a whole `table ... { }`) into this namespace."""
-        self.run(["nft", "-f", "-"], input=ruleset)
+        handle = Nft(self.ns)
+        try:
+            handle.run(ruleset)
+        except NftError as exc:
+            raise LabError(f"{self.name}: nft: {exc}") from exc
+        finally:
+            handle.close()
+
+    def nft_delete_table(self, family: str, name: str) -> bool:
+        """Delete an nftables table here; False if there was none."""
+        handle = Nft(self.ns)
+        try:
+            return handle.delete_table(family, name)
+        finally:
+            handle.close()
 
     # --- convenience -----------------------------------------------------------------------
     def addr_add(self, ifname: str, cidr: str) -> None:
@@ -474,10 +489,7 @@ class Lab:
         if not 0 <= loss_percent <= 100:
             raise LabError("loss_percent must be within 0..100")
         table = f"ipshift_lab_{ifname}".replace("-", "_").replace(".", "_")
-        try:
-            node.run(["nft", "delete", "table", "netdev", table])
-        except LabError:
-            pass  # nothing impaired yet
+        node.nft_delete_table("netdev", table)  # the previous impairment, if any
         if not blackhole and loss_percent == 0:
             return
         if blackhole:
