@@ -15,7 +15,7 @@ from scapy.layers.inet import IP, UDP
 
 from ipshift.net import udp
 from ipshift.packet import vnet
-from ipshift.tunnel import Counters, Forwarder, QueuePump, wire
+from ipshift.tunnel import Counters, Forwarder, QueuePump, batch, wire
 from ipshift.tunnel.config import AddressMapping
 from ipshift.tunnel.rewrite import AddressRewriter
 from tests.unit.test_tunnel_support import (
@@ -33,10 +33,19 @@ class End:
     pump: QueuePump
     tun: socket.socket  # the "kernel" side of the fake TUN queue
     sock: socket.socket
+    chunk: int | None  # batch framing's chunk size; None: per-packet framing
+
+    def datagrams_for(self, packet: bytes | bytearray, mss: int) -> int:
+        """How many datagrams this end sends for a TCP super-packet (32-byte TCP header)."""
+        if self.chunk is None:
+            headers = (20 if packet[0] >> 4 == 4 else 40) + 32
+            return -(-(len(packet) - headers) // mss)
+        return -(-(len(packet) + batch.META_LEN) // self.chunk)
 
 
-@pytest.fixture
-def ends() -> Iterator[tuple[End, End]]:
+@pytest.fixture(params=[None, 1468], ids=["packet-framing", "batch-framing"])
+def ends(request: pytest.FixtureRequest) -> Iterator[tuple[End, End]]:
+    chunk = request.param
     sa = udp.open_udp(("127.0.0.1", 0))
     sb = udp.open_udp(("127.0.0.1", 0))
     sa.connect(sb.getsockname())
@@ -48,7 +57,8 @@ def ends() -> Iterator[tuple[End, End]]:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         queue.setblocking(False)
-        made.append((End(QueuePump(queue.fileno(), sock), kernel, sock), queue))
+        made.append((End(QueuePump(queue.fileno(), sock, chunk=chunk), kernel, sock, chunk),
+                     queue))
     yield made[0][0], made[1][0]
     for end, queue in made:
         for s in (end.tun, queue, end.sock):
@@ -90,9 +100,9 @@ def test_super_packet_crosses_as_datagrams_and_arrives_whole(
     drain_udp(b)
     assert to_kernel(b) == [(header, bytes(packet))]
     assert a.pump.counters.super_packets_out == 1
-    assert a.pump.counters.datagrams_out == 30
+    assert a.pump.counters.datagrams_out == a.datagrams_for(packet, 1400)
     assert a.pump.counters.sends == 1
-    assert b.pump.counters.datagrams_in == 30
+    assert b.pump.counters.datagrams_in == a.datagrams_for(packet, 1400)
     assert b.pump.counters.super_packets_in == 1
 
 

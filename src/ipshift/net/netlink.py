@@ -691,13 +691,21 @@ class Netlink:
         self._refresh_names()
         return self._index(dev)
 
-    def set_link(self, dev: str | int, *, up: bool | None = None, mtu: int | None = None) -> None:
+    def set_link(
+        self, dev: str | int, *, up: bool | None = None, mtu: int | None = None,
+        gso_max_size: int | None = None,
+    ) -> None:
+        """Set a link up/down, its MTU, and the largest TSO super-packet it takes whole
+        (gso_max_size: locally generated TCP is built to fit; a larger forwarded super-packet
+        is cut into single packets in software before the device)."""
         index = dev if isinstance(dev, int) else self._index(dev)
         kwargs: dict[str, Any] = {}
         if up is not None:
             kwargs["state"] = "up" if up else "down"
         if mtu is not None:
             kwargs["mtu"] = mtu
+        if gso_max_size is not None:
+            kwargs["gso_max_size"] = gso_max_size
         if kwargs:
             desc = " ".join(f"{k} {v}" for k, v in kwargs.items())
             self._request(f"set link {dev} {desc}", "link", "set", index=index, **kwargs)

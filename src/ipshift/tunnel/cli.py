@@ -21,6 +21,7 @@ def config_from_args(args: argparse.Namespace) -> TunnelConfig:
             routes=tuple(_network(r) for r in args.route),
             mtu=args.mtu,
             queues=args.queues,
+            framing=args.framing,
             rewrite_src=tuple(AddressMapping.parse(m, "--rewrite-src") for m in args.rewrite_src),
             rewrite_dst=tuple(AddressMapping.parse(m, "--rewrite-dst") for m in args.rewrite_dst),
         )
@@ -95,6 +96,10 @@ def register(sub: Any) -> None:
     run.add_argument("--queues", type=int, default=1, metavar="N",
                      help="TUN queues, one worker process each; uses UDP ports PORT..PORT+N-1 "
                           "at both ends (default 1)")
+    run.add_argument("--framing", choices=("batch", "packet"), default="batch",
+                     help="batch (default): TSO super-packets cross whole, in MTU-sized chunks; "
+                          "packet: one inner packet per datagram, for peers that speak only "
+                          "that (docs/tunnel.md)")
     run.add_argument("--rewrite-src", action="append", default=[], metavar="OLD=NEW",
                      help="rewrite source OLD to NEW entering the tunnel, and destination NEW "
                           "back to OLD leaving it (repeatable)")

@@ -81,6 +81,9 @@ class AddressMapping:
         return f"{self.old}={self.new}"
 
 
+FRAMINGS = ("batch", "packet")
+
+
 @dataclass(frozen=True)
 class TunnelConfig:
     """One point-to-point tunnel. With queues > 1 the tunnel uses UDP ports local.port ..
@@ -97,8 +100,13 @@ class TunnelConfig:
     rewrite_src: tuple[AddressMapping, ...] = ()
     rewrite_dst: tuple[AddressMapping, ...] = ()
     netns: str | None = None
+    # "batch": super-packets cross whole, in chunks (wire version 2); "packet": one inner
+    # packet per datagram for everything (version 1 only, for peers that speak nothing else).
+    framing: str = "batch"
 
     def __post_init__(self) -> None:
+        if self.framing not in FRAMINGS:
+            raise ConfigError(f"--framing must be one of {', '.join(FRAMINGS)}")
         if not self.dev or len(self.dev.encode()) > 15 or "/" in self.dev or " " in self.dev:
             raise ConfigError(f"--dev {self.dev!r}: an interface name has 1-15 characters")
         if self.local.family != self.remote.family:

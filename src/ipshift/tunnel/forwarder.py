@@ -24,13 +24,14 @@ import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 from ipshift.net import udp
 from ipshift.packet import vnet
 from ipshift.packet.errors import PacketError
-from ipshift.tunnel import gso
+from ipshift.tunnel import batch, gso, wire
 
 log = logging.getLogger("ipshift.tunnel")
 
@@ -69,6 +70,8 @@ class Counters:
     receive_errors: int = 0
     write_errors: int = 0
     foreign: int = 0  # datagrams from an address that is not the peer (unconnected sockets)
+    streams_incomplete: int = 0  # batch framing: super-packets that lost chunks on the way
+    segments_recovered: int = 0  # ... and the segments of them delivered nonetheless
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -114,7 +117,10 @@ class QueuePump:
         peer: udp.Address | None = None,
         hooks: Hooks | None = None,
         counters: Counters | None = None,
+        chunk: int | None = None,
     ) -> None:
+        """chunk: send super-packets in batch framing (wire version 2) cut into chunks of this
+        many bytes (the tunnel MTU); None: per-packet framing only. Both are received."""
         self.tun_fd = tun_fd
         self.sock = sock
         # With a connected socket the kernel filters senders and routes once; peer is only
@@ -123,29 +129,100 @@ class QueuePump:
         self.hooks = hooks or Hooks()
         self.counters = counters or Counters()
         self.max_batch = udp.max_batch(sock.family)
-        self._tun_buf = bytearray(TUN_READ_SIZE)
-        self._encapsulator = gso.Encapsulator(self._tun_buf, vnet.HEADER_LEN)
+        self._encoder: batch.BatchEncoder | None = None
+        if chunk:
+            # Batch framing: TUN reads scatter into a buffer laid out as chunk datagrams.
+            self._encoder = encoder = batch.BatchEncoder(chunk, self.max_batch, TUN_READ_SIZE)
+            self._tun_buf = encoder.buffer
+            self._tun_iov = encoder.read_iov
+            self._encapsulator = gso.Encapsulator(encoder.buffer, encoder.PACKET_AT)
+            self._scratch_encapsulator = gso.Encapsulator(encoder.scratch, 0)
+            self.pump_tun = self._pump_tun_batch  # type: ignore[method-assign]
+        else:
+            self._tun_buf = bytearray(TUN_READ_SIZE)
+            self._tun_iov = [memoryview(self._tun_buf)]
+            self._encapsulator = gso.Encapsulator(self._tun_buf, vnet.HEADER_LEN)
         self._decapsulator = gso.Decapsulator(udp.MAX_RECEIVE + 1)
+        self._assembler = batch.BatchAssembler()
         self._writes: list[gso.IoVec] = []
+        # A router's GRO may join datagrams of both framings into one batch.
+        self._decapsulator.on_other = self._chunk_among_packets
+        self._assembler.on_other = self._packet_among_chunks
 
     # --- TUN -> UDP ---------------------------------------------------------------------------
     def pump_tun(self) -> None:
+        """One TUN read, sent in per-packet framing."""
         counters = self.counters
-        size = os.readv(self.tun_fd, (self._tun_buf,))
+        buf = self._tun_buf
+        size = os.readv(self.tun_fd, self._tun_iov)
         counters.tun_reads += 1
         counters.tun_read_bytes += size
         flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = vnet.HEADER.unpack_from(
-            self._tun_buf
+            buf
         )
         outbound = self.hooks.outbound
         if outbound is not None and not outbound(
-            self._tun_buf, vnet.HEADER_LEN, bool(flags & vnet.F_NEEDS_CSUM)
+            buf, vnet.HEADER_LEN, bool(flags & vnet.F_NEEDS_CSUM)
         ):
             counters.hook_drops += 1
             return
+        self._send_packets(self._encapsulator, size, flags, gso_type, gso_size, csum_start,
+                           csum_offset)
+
+    def _pump_tun_batch(self) -> None:
+        """One TUN read, sent in batch framing if it is a super-packet."""
+        counters = self.counters
+        encoder = self._encoder
+        assert encoder is not None
+        size = os.readv(self.tun_fd, self._tun_iov) - vnet.HEADER_LEN
+        counters.tun_reads += 1
+        counters.tun_read_bytes += size + vnet.HEADER_LEN
+        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = encoder.vnet_fields()
+        outbound = self.hooks.outbound
         try:
-            iov, segment = self._encapsulator.encapsulate(
-                size, flags, gso_type, gso_size, csum_start, csum_offset
+            if gso_type:
+                # The headers are in the first slot, where the hook can rewrite them.
+                if outbound is not None and not outbound(
+                    encoder.buffer, encoder.PACKET_AT, bool(flags & vnet.F_NEEDS_CSUM)
+                ):
+                    counters.hook_drops += 1
+                    return
+                sends = encoder.encode(size, flags, gso_type, hdr_len, gso_size, csum_start,
+                                       csum_offset)
+                if sends:
+                    counters.super_packets_out += 1
+                    counters.datagrams_out += batch.chunks_for(batch.META_LEN + size,
+                                                              encoder.chunk)
+                    for datagrams, segment in sends:
+                        self._send((datagrams,), segment)
+                    return
+                outbound = None  # already applied
+            buf, at = encoder.packet(size)
+            try:
+                if outbound is not None and not outbound(
+                    buf, at, bool(flags & vnet.F_NEEDS_CSUM)
+                ):
+                    counters.hook_drops += 1
+                    return
+                self._send_packets(
+                    self._encapsulator if buf is encoder.buffer else self._scratch_encapsulator,
+                    at + size, flags, gso_type, gso_size, csum_start, csum_offset)
+            finally:
+                encoder.restore()
+        except PacketError as exc:
+            counters.bad_tun_packets += 1
+            log.debug("dropped a packet from TUN: %s", exc)
+
+    def _send_packets(
+        self, encapsulator: gso.Encapsulator, end: int, flags: int, gso_type: int,
+        gso_size: int, csum_start: int, csum_offset: int,
+    ) -> None:
+        """Send the packet at encapsulator.buffer[encapsulator.offset:end] in per-packet
+        framing (a super-packet cut into its packets)."""
+        counters = self.counters
+        try:
+            iov, segment = encapsulator.encapsulate(
+                end, flags, gso_type, gso_size, csum_start, csum_offset
             )
         except PacketError as exc:
             counters.bad_tun_packets += 1
@@ -180,14 +257,24 @@ class QueuePump:
 
     # --- UDP -> TUN ---------------------------------------------------------------------------
     def pump_udp(self) -> None:
-        """Receive one batch; while it ends in an open run of TCP segments (a super-packet that
-        took two UDP sends), receive the next batch too, so the run reaches TUN whole."""
+        """Receive one batch. While it ends in an open run of TCP segments or an incomplete
+        batch-framed super-packet (one that took two UDP sends), receive the next batch too, so
+        it reaches TUN whole. An incomplete super-packet whose rest has not arrived yet waits
+        for it up to batch.STALE_AFTER (see `expire`)."""
         counters = self.counters
         decapsulator = self._decapsulator
+        assembler = self._assembler
         writes = self._writes
         hook = self.hooks.inbound
         try:
             while True:
+                held = assembler.held()
+                if held is not None and held is decapsulator.buffer:
+                    # An incomplete super-packet points into it: receive into the other one.
+                    if decapsulator.pending is None:
+                        decapsulator.switch()
+                    else:
+                        assembler.materialize()
                 try:
                     size, segment, sender = udp.receive_segments(
                         self.sock, decapsulator.buffer, socket.MSG_DONTWAIT
@@ -213,10 +300,25 @@ class QueuePump:
                     counters.foreign += 1
                     decapsulator.flush(writes, hook)
                     return
-                accepted, malformed = decapsulator.decapsulate(size, segment, writes, hook)
+                before = assembler.malformed
+                if size and decapsulator.buffer[0] == batch.FIRST_BYTE:  # batch framing
+                    if decapsulator.pending is not None:
+                        decapsulator.flush(writes, hook)
+                    accepted = assembler.receive(
+                        decapsulator.buffer, size, segment, time.monotonic(), writes, hook)
+                    malformed = 0
+                else:
+                    accepted, malformed = decapsulator.decapsulate(size, segment, writes, hook)
+                    held = assembler.held()
+                    if held is not None and held is decapsulator.buffer:
+                        assembler.materialize()  # the decapsulator moved to that buffer
+                if assembler.malformed != before or assembler.lost != counters.streams_incomplete:
+                    # Chunks, and whole streams found malformed once assembled.
+                    malformed += assembler.malformed - before
+                    self._count_assembler()
                 counters.datagrams_in += accepted
                 counters.malformed += malformed
-                if decapsulator.pending is None:
+                if decapsulator.pending is None and assembler.pending is None:
                     return
                 # What is complete goes now: the buffer it points into is received into again
                 # after the next batch.
@@ -225,6 +327,32 @@ class QueuePump:
         finally:
             if writes:
                 self._write(writes)
+
+    def _chunk_among_packets(self, buf: bytearray, start: int, end: int) -> bool:
+        return self._assembler.receive_one(
+            buf, start, end, time.monotonic(), self._writes, self.hooks.inbound)
+
+    def _packet_among_chunks(self, buf: bytearray, start: int, end: int) -> bool:
+        if self._decapsulator.pending is not None:
+            self._decapsulator.flush(self._writes, self.hooks.inbound)
+        return _single(buf, memoryview(buf), start, end, self._writes, self.hooks.inbound)
+
+    def _count_assembler(self) -> None:
+        """Carry the assembler's loss figures into the counters."""
+        self.counters.streams_incomplete = self._assembler.lost
+        self.counters.segments_recovered = self._assembler.recovered
+
+    def waiting(self) -> bool:
+        """Is an incomplete batch-framed super-packet waiting for the rest of its chunks?"""
+        return self._assembler.pending is not None
+
+    def expire(self) -> None:
+        """Deliver what arrived of a super-packet whose missing chunks are overdue."""
+        writes = self._writes
+        self._assembler.expire(time.monotonic(), writes, self.hooks.inbound)
+        self._count_assembler()
+        if writes:
+            self._write(writes)
 
     def _write(self, writes: list[gso.IoVec]) -> None:
         counters = self.counters
@@ -239,6 +367,23 @@ class QueuePump:
                 counters.write_errors += 1
                 log.debug("TUN write failed: %s", exc)
         writes.clear()
+
+
+def _single(
+    buf: bytearray, view: memoryview, start: int, end: int, writes: list[gso.IoVec],
+    hook: gso.PacketHook | None,
+) -> bool:
+    """One version 1 datagram at buf[start:end] as one TUN write; False if malformed."""
+    try:
+        header, _packet = wire.decode(view[start:end])
+    except PacketError:
+        return False
+    inner = start + wire.HEADER_LEN
+    if hook is not None and not hook(buf, inner, header.partial):
+        return True
+    writes.append([gso.vnet_for(header.flags, header.csum_start, header.csum_offset),
+                   view[inner:end]])
+    return True
 
 
 class Forwarder:
@@ -265,8 +410,16 @@ class Forwarder:
         poller.register(self._wake_r, select.POLLIN)
         budget = range(DRAIN_BUDGET)
         try:
+            pumps = self.pumps
+            wait_ms = max(1, int(batch.STALE_AFTER * 1000))
             while not self._stopping:
-                for fd, _events in poller.poll():
+                timeout = wait_ms if any(pump.waiting() for pump in pumps) else None
+                events = poller.poll(timeout)
+                if timeout is not None:
+                    for pump in pumps:
+                        if pump.waiting():
+                            pump.expire()
+                for fd, _events in events:
                     step = handlers.get(fd)
                     if step is None:
                         continue  # the wake-up pipe

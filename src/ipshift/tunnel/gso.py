@@ -76,6 +76,48 @@ def _words(fmt: Literal["H", "I"], values: Sequence[int] | range) -> memoryview:
     return memoryview(_struct(f">{len(values)}{fmt}").pack(*values)).cast(fmt)
 
 
+def super_packet_shape(
+    buf: Buffer,
+    base: int,
+    size: int,
+    flags: int,
+    gso_type: int,
+    gso_size: int,
+    csum_start: int,
+    csum_offset: int,
+) -> tuple[int, int, int]:
+    """Check that the TSO/USO super-packet at buf[base:base + size] agrees with its vnet fields
+    (the same checks before cutting it in software and before handing one to TUN whole).
+    Returns (IP version, L4 header length, length of all headers); raises SegmentError."""
+    gso = gso_type & vnet.GSO_TYPE_MASK
+    if not flags & vnet.F_NEEDS_CSUM or gso_size <= 0:
+        raise SegmentError("vnet-gso", "segmentation needs a partial checksum and a gso_size")
+    if size < 20 or csum_start < 20 or csum_start + csum_offset + 2 > size:
+        raise SegmentError("vnet-csum", f"checksum at {csum_start}+{csum_offset}, {size} bytes")
+    version = buf[base] >> 4
+    l4 = base + csum_start
+    if gso == vnet.GSO_UDP_L4:
+        l4_len = 8
+        if csum_offset != 6 or version not in (4, 6):
+            raise SegmentError("vnet-gso", "UDP segmentation of a packet that is not UDP")
+    elif (gso == vnet.GSO_TCPV4 and version == 4) or (gso == vnet.GSO_TCPV6 and version == 6):
+        if csum_offset != 16 or csum_start + 13 >= size:
+            raise SegmentError("vnet-gso", "TCP segmentation of a packet that is not TCP")
+        l4_len = (buf[l4 + 12] >> 4) * 4
+        if l4_len < 20:
+            raise SegmentError("vnet-gso", f"TCP header length {l4_len}")
+    else:
+        raise SegmentError("vnet-gso", f"gso_type {gso_type} for an IPv{version} packet")
+    header_len = csum_start + l4_len
+    if size < header_len or csum_start % 4 or (
+        version == 4 and csum_start != (buf[base] & 0x0F) * 4
+    ):
+        raise SegmentError("vnet-gso", f"{size}-byte packet, L4 header at {csum_start}")
+    if -(-(size - header_len) // gso_size) > MAX_SEGMENTS:
+        raise SegmentError("vnet-gso", f"{size - header_len} bytes in {gso_size}-byte segments")
+    return version, l4_len, header_len
+
+
 class _SendLayout:
     """Reusable buffers for one (header length, segment size) shape: a header area with a slot
     per segment, and the iovec that alternates header slots with payload slices of the read
@@ -143,26 +185,11 @@ class Encapsulator:
         gso = gso_type & vnet.GSO_TYPE_MASK
         if gso == vnet.GSO_NONE:
             return [tunnel_header, self.view[base:end]], 0
-        if not flags & vnet.F_NEEDS_CSUM or gso_size <= 0:
-            raise SegmentError("vnet-gso", "segmentation needs a partial checksum and a gso_size")
-        version = buf[base] >> 4
+        version, l4_len, header_len = super_packet_shape(
+            buf, base, size, flags, gso_type, gso_size, csum_start, csum_offset
+        )
         l4 = base + csum_start
-        if gso == vnet.GSO_UDP_L4:
-            l4_len = 8
-            if csum_offset != 6 or version not in (4, 6):
-                raise SegmentError("vnet-gso", "UDP segmentation of a packet that is not UDP")
-        elif (gso == vnet.GSO_TCPV4 and version == 4) or (gso == vnet.GSO_TCPV6 and version == 6):
-            if csum_offset != 16 or csum_start + 13 >= size:
-                raise SegmentError("vnet-gso", "TCP segmentation of a packet that is not TCP")
-            l4_len = (buf[l4 + 12] >> 4) * 4
-            if l4_len < 20:
-                raise SegmentError("vnet-gso", f"TCP header length {l4_len}")
-        else:
-            raise SegmentError("vnet-gso", f"gso_type {gso_type} for an IPv{version} packet")
-        header_len = csum_start + l4_len
         payload = size - header_len
-        if payload < 0 or csum_start % 4 or (version == 4 and csum_start != (buf[base] & 0x0F) * 4):
-            raise SegmentError("vnet-gso", f"{size}-byte packet, L4 header at {csum_start}")
         if payload <= gso_size:
             return [tunnel_header, self.view[base:end]], 0
         count = -(-payload // gso_size)
@@ -256,7 +283,7 @@ class Encapsulator:
 
 
 # --- receive: datagrams -> TUN writes ----------------------------------------------------------
-def _vnet_for(tunnel_flags: int, csum_start: int, csum_offset: int) -> bytes:
+def vnet_for(tunnel_flags: int, csum_start: int, csum_offset: int) -> bytes:
     if tunnel_flags & wire.FLAG_PARTIAL:
         return vnet.HEADER.pack(vnet.F_NEEDS_CSUM, vnet.GSO_NONE, 0, 0, csum_start, csum_offset)
     if tunnel_flags & wire.FLAG_VERIFIED:
@@ -273,6 +300,9 @@ _VNET_TCP6 = vnet.HEADER.pack(vnet.F_NEEDS_CSUM, vnet.GSO_NONE, 0, 0, 40, 16)
 #: partial: its L4 checksum is a NEEDS_CSUM partial sum. Returns False to drop the packet.
 #: The address-rewrite hook (ILNP locator rewriting) is one.
 PacketHook: TypeAlias = Callable[[bytearray, int, bool], bool]
+#: Called as handler(buffer, start, end) for a datagram of the other framing found in a batch;
+#: returns whether it was taken (False: malformed).
+OtherDatagram: TypeAlias = Callable[[bytearray, int, int], bool]
 
 
 class _Run:
@@ -341,9 +371,18 @@ class Decapsulator:
         self._current = 0
         self.buffer = self._buffers[0]  # where the next datagrams must be received
         self.pending: _Run | None = None
+        # Called as on_other(buffer, start, end) for a datagram of another version in a batch
+        # (batch framing's chunks); returns whether it was taken.
+        self.on_other: OtherDatagram | None = None
         # Header and payload slices of each datagram slot, per buffer and (datagram size,
         # header size): a GRO batch of a known shape then needs no per-datagram slicing.
         self._slots: dict[tuple[int, int, int], _ReceiveLayout] = {}
+
+    def switch(self) -> None:
+        """Receive into the other buffer from now on (no run may be pending)."""
+        assert self.pending is None
+        self._current ^= 1
+        self.buffer = self._buffers[self._current]
 
     def flush(self, writes: list[IoVec], hook: PacketHook | None = None) -> None:
         """Emit the pending run, if any."""
@@ -378,6 +417,13 @@ class Decapsulator:
             start = offset + 4
             offset = end
             size = end - start
+            if buf[start - 4] >> 4 != wire.VERSION:
+                # Another framing's datagram that a GRO joined to ours (same size, same flow).
+                if self.on_other is not None and self.on_other(buf, start - 4, end):
+                    accepted += 1
+                else:
+                    malformed += 1
+                continue
             if size < 20:
                 malformed += 1
                 continue
@@ -385,7 +431,7 @@ class Decapsulator:
             tunnel_flags = first & 0x0F
             version = ip0 >> 4
             # The same checks as wire.decode, inlined (a unit test keeps the two in step).
-            if first >> 4 != wire.VERSION or tunnel_flags & ~wire.KNOWN_FLAGS:
+            if tunnel_flags & ~wire.KNOWN_FLAGS:
                 malformed += 1
                 continue
             if version == 4:
@@ -434,7 +480,7 @@ class Decapsulator:
                     run = None
                 if hook is None or hook(buf, start, bool(tunnel_flags & wire.FLAG_PARTIAL)):
                     writes.append(
-                        [_vnet_for(tunnel_flags, csum_start, csum_offset), view[start:end]]
+                        [vnet_for(tunnel_flags, csum_start, csum_offset), view[start:end]]
                     )
                 continue
 
