@@ -364,11 +364,10 @@ class BatchAssembler:
                         and flags == wire.FLAG_PARTIAL
                     ):
                         # All of one stream: straight from the receive buffer.
-                        rest = slices[1:count - 1]
-                        rest.append(view[(count - 1) * step + CHUNK_LEN:nbytes])
-                        self._write_whole(
-                            view[CHUNK_LEN + META_LEN:step], rest, size, gso_type, hdr_len,
-                            gso_size, csum_start, csum_offset, writes, hook)
+                        iov = slices[:count + 1]  # [vnet header slot, packet start, ...]
+                        iov[count] = view[(count - 1) * step + CHUNK_LEN:nbytes]
+                        self._write_whole(iov, size, gso_type, hdr_len, gso_size, csum_start,
+                                          csum_offset, writes, hook)
                         return count
                 if self._add(buf, view, 0, nbytes, step, index, count, buf[2] << 8 | buf[3],
                              now, writes, hook):
@@ -386,8 +385,10 @@ class BatchAssembler:
             self._layouts.clear()
         view = memoryview(buf)
         pairs = view[:len(buf) & ~1].cast("H")
-        slices: list[Buffer] = [
-            view[at + CHUNK_LEN:at + step] for at in range(0, len(buf) - step + 1, step)]
+        # An iovec to write a whole stream: a slot for the vnet header, the packet's start in
+        # chunk 0, then each datagram's data (the last one is cut to size per stream).
+        slices: list[Buffer] = [b"", view[CHUNK_LEN + META_LEN:step]]
+        slices += [view[at + CHUNK_LEN:at + step] for at in range(step, len(buf) - step + 1, step)]
         layout = self._layouts[(id(buf), step)] = (view, pairs, slices)
         return layout
 
@@ -466,10 +467,11 @@ class BatchAssembler:
                     return False
         if stream.complete():
             self.pending = None
-            rest = [pieces[i] for i in range(1, stream.count)]
-            self._write_whole(
-                pieces[0][META_LEN:], rest, stream.size, stream.gso_type, stream.hdr_len,
-                stream.gso_size, stream.csum_start, stream.csum_offset, writes, hook)
+            iov: IoVec = [b"", pieces[0][META_LEN:]]
+            iov += [pieces[i] for i in range(1, stream.count)]
+            self._write_whole(iov, stream.size, stream.gso_type, stream.hdr_len,
+                              stream.gso_size, stream.csum_start, stream.csum_offset, writes,
+                              hook)
         else:
             self.pending = stream
         return True
@@ -488,12 +490,13 @@ class BatchAssembler:
             stream.held = None
 
     def _write_whole(
-        self, first: Buffer, rest: list[Buffer], size: int, gso_type: int, hdr_len: int,
-        gso_size: int, csum_start: int, csum_offset: int, writes: list[IoVec],
-        hook: PacketHook | None,
+        self, iov: IoVec, size: int, gso_type: int, hdr_len: int, gso_size: int,
+        csum_start: int, csum_offset: int, writes: list[IoVec], hook: PacketHook | None,
     ) -> None:
-        """A complete stream: one TUN write of the whole super-packet. `first` is the start of
-        the packet (chunk 0 after the meta), `rest` the other chunks' data."""
+        """A complete stream: one TUN write of the whole super-packet. iov[0] is a slot for the
+        vnet header, iov[1] the start of the packet (chunk 0 after the meta), the rest the
+        other chunks' data."""
+        first = iov[1]
         why = packet_error(first, size, gso_type, gso_size, csum_start, csum_offset)
         if why is not None:
             self.malformed += 1
@@ -505,14 +508,11 @@ class BatchAssembler:
             scratch[:len(first)] = first
             if not hook(scratch, 0, True):
                 return
-            first = memoryview(scratch)[:len(first)]
+            iov[1] = memoryview(scratch)[:len(first)]
         self.streams += 1
-        writes.append([
-            vnet.HEADER.pack(vnet.F_NEEDS_CSUM, gso_type, hdr_len, gso_size, csum_start,
-                             csum_offset),
-            first,
-            *rest,
-        ])
+        iov[0] = vnet.HEADER.pack(vnet.F_NEEDS_CSUM, gso_type, hdr_len, gso_size, csum_start,
+                                  csum_offset)
+        writes.append(iov)
 
     def _recover(self, stream: _Stream, writes: list[IoVec], hook: PacketHook | None) -> None:
         """An incomplete stream: rebuild every inner segment whose bytes all arrived."""

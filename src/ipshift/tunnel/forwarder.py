@@ -25,7 +25,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 from ipshift.net import udp
@@ -137,7 +137,7 @@ class QueuePump:
             self._tun_iov = encoder.read_iov
             self._encapsulator = gso.Encapsulator(encoder.buffer, encoder.PACKET_AT)
             self._scratch_encapsulator = gso.Encapsulator(encoder.scratch, 0)
-            self.pump_tun = self._pump_tun_batch  # type: ignore[method-assign]
+            self.pump_tun = self._batch_tun_pump()  # type: ignore[method-assign]
         else:
             self._tun_buf = bytearray(TUN_READ_SIZE)
             self._tun_iov = [memoryview(self._tun_buf)]
@@ -169,15 +169,59 @@ class QueuePump:
         self._send_packets(self._encapsulator, size, flags, gso_type, gso_size, csum_start,
                            csum_offset)
 
-    def _pump_tun_batch(self) -> None:
-        """One TUN read, sent in batch framing if it is a super-packet."""
+    def _batch_tun_pump(self) -> Callable[[], None]:
+        """pump_tun for batch framing, as a closure over everything it touches: it runs once
+        per packet read from TUN, and attribute lookups are a good part of its cost."""
+        encoder = self._encoder
+        assert encoder is not None
+        counters = self.counters
+        hooks = self.hooks
+        readv, fd, read_iov = os.readv, self.tun_fd, encoder.read_iov
+        buf, view = encoder.buffer, encoder.view
+        vnet_at = encoder.PACKET_AT - vnet.HEADER_LEN
+        unpack_vnet = vnet.HEADER.unpack_from
+        header_at = encoder.PACKET_AT - wire.HEADER_LEN  # a version 1 header before the packet
+        room = encoder.chunk - batch.META_LEN  # packet bytes that fit the first slot
+        pack_header = wire.HEADER.pack
+        partial_first = wire.VERSION << 4 | wire.FLAG_PARTIAL
+        plain, verified = wire.PLAIN_HEADER, wire.VERIFIED_HEADER
+        needs_csum, data_valid = vnet.F_NEEDS_CSUM, vnet.F_DATA_VALID
+        send = self._send
+
+        def pump_tun() -> None:
+            size = readv(fd, read_iov) - vnet.HEADER_LEN
+            counters.tun_reads += 1
+            counters.tun_read_bytes += size + vnet.HEADER_LEN
+            flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = unpack_vnet(
+                buf, vnet_at)
+            outbound = hooks.outbound
+            if not gso_type and 20 <= size <= room and outbound is None:
+                # The common small packet (an ACK): one version 1 datagram, in place.
+                if flags & needs_csum:
+                    if csum_start < 20 or csum_start + csum_offset + 2 > size:
+                        counters.bad_tun_packets += 1
+                        return
+                    buf[header_at:encoder.PACKET_AT] = pack_header(
+                        partial_first, csum_offset, csum_start)
+                else:
+                    buf[header_at:encoder.PACKET_AT] = verified if flags & data_valid else plain
+                counters.datagrams_out += 1
+                send((view[header_at:encoder.PACKET_AT + size],), 0)
+                return
+            self._tun_read_general(size, flags, gso_type, hdr_len, gso_size, csum_start,
+                                   csum_offset)
+
+        return pump_tun
+
+    def _tun_read_general(
+        self, size: int, flags: int, gso_type: int, hdr_len: int, gso_size: int,
+        csum_start: int, csum_offset: int,
+    ) -> None:
+        """A super-packet, a packet too large for the first slot, or any packet with a
+        hook: the rest of batch framing's pump_tun."""
         counters = self.counters
         encoder = self._encoder
         assert encoder is not None
-        size = os.readv(self.tun_fd, self._tun_iov) - vnet.HEADER_LEN
-        counters.tun_reads += 1
-        counters.tun_read_bytes += size + vnet.HEADER_LEN
-        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = encoder.vnet_fields()
         outbound = self.hooks.outbound
         try:
             if gso_type:
@@ -300,8 +344,26 @@ class QueuePump:
                     counters.foreign += 1
                     decapsulator.flush(writes, hook)
                     return
+                buf = decapsulator.buffer
+                if (
+                    not segment
+                    and hook is None
+                    and decapsulator.pending is None
+                    and assembler.pending is None
+                ):
+                    vnet_header = _lone_packet(buf, size)
+                    if vnet_header is not None:
+                        # The common lone packet (an ACK): straight to TUN.
+                        counters.datagrams_in += 1
+                        counters.tun_writes += 1
+                        try:
+                            os.writev(self.tun_fd, (vnet_header, memoryview(buf)[4:size]))
+                        except OSError as exc:
+                            counters.write_errors += 1
+                            log.debug("TUN write failed: %s", exc)
+                        return
                 before = assembler.malformed
-                if size and decapsulator.buffer[0] == batch.FIRST_BYTE:  # batch framing
+                if size and buf[0] == batch.FIRST_BYTE:  # batch framing
                     if decapsulator.pending is not None:
                         decapsulator.flush(writes, hook)
                     accepted = assembler.receive(
@@ -367,6 +429,45 @@ class QueuePump:
                 counters.write_errors += 1
                 log.debug("TUN write failed: %s", exc)
         writes.clear()
+
+
+_LONE_VNET = {
+    0x10: vnet.PLAIN,
+    0x12: vnet.HEADER.pack(vnet.F_DATA_VALID, vnet.GSO_NONE, 0, 0, 0, 0),
+}
+
+
+def _lone_packet(buf: bytearray, size: int) -> bytes | None:
+    """The vnet header for the version 1 datagram buf[:size] if it can go to TUN as it is: well
+    formed (the checks of wire.decode) and not a TCP segment with data, which the
+    Decapsulator might join with the next ones. None: let the Decapsulator decide."""
+    if size < 24:
+        return None
+    first = buf[0]
+    ip0 = buf[4]
+    if ip0 >> 4 == 4:
+        if ip0 & 0x0F < 5 or (buf[6] << 8 | buf[7]) != size - 4:
+            return None
+        l4_proto = buf[13]
+    elif ip0 >> 4 == 6:
+        if size < 44 or (buf[8] << 8 | buf[9]) + 44 != size:
+            return None
+        l4_proto = buf[10]
+    else:
+        return None
+    if first == 0x11:
+        csum_offset = buf[1]
+        csum_start = buf[2] << 8 | buf[3]
+        if csum_start < (20 if ip0 >> 4 == 4 else 40) or csum_start + csum_offset + 2 > size - 4:
+            return None
+        if l4_proto == 6 and csum_offset == 16:
+            tcp = 4 + csum_start
+            if tcp + 13 >= size or size - tcp - (buf[tcp + 12] >> 4) * 4 != 0:
+                return None  # TCP with data (or odd): maybe part of a run
+        return vnet.HEADER.pack(vnet.F_NEEDS_CSUM, vnet.GSO_NONE, 0, 0, csum_start, csum_offset)
+    if buf[1] or buf[2] or buf[3]:
+        return None
+    return _LONE_VNET.get(first)
 
 
 def _single(
