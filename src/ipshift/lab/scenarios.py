@@ -206,6 +206,16 @@ class TunnelSite:
     def socket_of(self, gateway: Node, serial: int) -> Path:
         return self.sockets / f"{gateway.name}-{serial}.sock"
 
+    def underlay_loss(self, percent: int) -> None:
+        """Drop `percent` % of the tunnel datagrams from g1 toward g2, one datagram at a time
+        (0: none). g1 then cuts its UDP GSO sends into datagrams itself (a veth would pass
+        them whole, and a drop rule would take a whole send at once); r drops at its ingress;
+        g2's GRO joins what arrives into batches again, with the gaps."""
+        u1 = self.underlay[0]
+        self.g1.run(["ethtool", "-K", u1.a.ifname, "tx-udp-segmentation",
+                     "off" if percent else "on"])
+        self.lab.impair(self.r, u1.b.ifname, loss_percent=percent, direction="ingress")
+
     def counters(self, gateway: Node, proc: LabProcess) -> dict[str, int]:
         socket = next(a for a in proc.argv if a.endswith(".sock"))
         res = gateway.run([*self.TUNNEL, "status", "--dev", "x", "--socket", socket, "--json"],

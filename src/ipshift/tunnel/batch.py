@@ -269,7 +269,8 @@ class _Stream:
     def __init__(self, number: int, since: float) -> None:
         self.number = number
         self.since = since
-        self.pieces: dict[int, Buffer] = {}
+        # Each chunk's data, by index (None: not here yet).
+        self.pieces: list[Buffer | None] = [None] * MAX_CHUNKS
         self.have = 0
         self.count = 0  # 0 until chunk 0 (with the meta) is here
         self.chunk = self.size = self.gso_type = self.gso_size = self.hdr_len = 0
@@ -331,44 +332,71 @@ class BatchAssembler:
 
     # The forwarder calls this with the datagrams buf[:nbytes], each `segment` bytes but the
     # last (segment 0: one datagram); `now` is a monotonic time.
+    def whole(self, buf: bytearray, nbytes: int, segment: int) -> IoVec | None:
+        """If the GRO batch buf[:nbytes] (datagrams of `segment` bytes) is exactly one whole
+        stream, the usual case, its TUN write: an iovec of the vnet header and slices of the
+        receive buffer. An empty list: it was one, but malformed (counted). None: not that
+        case (the general path, `receive`, decides)."""
+        if buf[0] != FIRST_BYTE or buf[1] or self.pending is not None or segment & 1:
+            return None
+        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, chunk, size = (
+            META.unpack_from(buf, CHUNK_LEN))
+        count = -(-nbytes // segment)
+        if (
+            segment != chunk + CHUNK_LEN
+            or nbytes != META_LEN + size + CHUNK_LEN * count
+            or flags != wire.FLAG_PARTIAL
+            or count > MAX_CHUNKS
+        ):
+            return None
+        layout = self._layouts.get((id(buf), segment))
+        if layout is None:
+            layout = self._layout(buf, segment)
+        view, pairs, slices = layout
+        # Chunk headers: (version, index) and the stream number, as two columns of pairs.
+        half = segment >> 1
+        if (
+            bytes(pairs[0:nbytes >> 1:half]) != _HEADS[:2 * count]
+            or bytes(pairs[1:nbytes >> 1:half]) != bytes(view[2:4]) * count
+        ):
+            return None
+        iov = slices[:count + 1]  # [vnet header slot, packet start, the other chunks ...]
+        iov[count] = view[(count - 1) * segment + CHUNK_LEN:nbytes]
+        if not self._finish(iov, size, gso_type, hdr_len, gso_size, csum_start, csum_offset):
+            return []
+        return iov
+
     def receive(
         self, buf: bytearray, nbytes: int, segment: int, now: float, writes: list[IoVec],
         hook: PacketHook | None = None,
     ) -> int:
-        """Returns the number of chunk datagrams taken (the rest were malformed)."""
+        """Take the chunk datagrams of one GRO batch (each `segment` bytes but the last;
+        segment 0: one datagram); `now` is a monotonic time. What is complete is appended to
+        `writes`. Returns the number of datagrams taken (the rest were malformed)."""
         if nbytes <= 0:
             self.malformed += 1  # an empty datagram
             return 0
         step = segment or nbytes
         count = -(-nbytes // step)
+        if count > 1:
+            iov = self.whole(buf, nbytes, step)
+            if iov is not None:
+                if iov:
+                    self._deliver(iov, writes, hook)
+                return count
         if count > 1 and buf[0] == FIRST_BYTE and nbytes > (count - 1) * step + CHUNK_LEN:
             layout = self._layouts.get((id(buf), step))
             if layout is None:
                 layout = self._layout(buf, step)
-            view, pairs, slices = layout
+            view, pairs, _slices = layout
             index = buf[1]
-            # Chunk headers: (version, index) and the stream number, as two columns of pairs.
             if (
                 step & 1 == 0
                 and index + count <= MAX_CHUNKS
                 and bytes(pairs[0:nbytes >> 1:step >> 1]) == _HEADS[2 * index:2 * (index + count)]
                 and bytes(pairs[1:nbytes >> 1:step >> 1]) == bytes(view[2:4]) * count
             ):
-                # The usual batch: consecutive chunks of one stream, often all of them.
-                if index == 0 and self.pending is None:
-                    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, chunk, size = (
-                        META.unpack_from(buf, CHUNK_LEN))
-                    if (
-                        step == chunk + CHUNK_LEN
-                        and nbytes == META_LEN + size + CHUNK_LEN * count
-                        and flags == wire.FLAG_PARTIAL
-                    ):
-                        # All of one stream: straight from the receive buffer.
-                        iov = slices[:count + 1]  # [vnet header slot, packet start, ...]
-                        iov[count] = view[(count - 1) * step + CHUNK_LEN:nbytes]
-                        self._write_whole(iov, size, gso_type, hdr_len, gso_size, csum_start,
-                                          csum_offset, writes, hook)
-                        return count
+                # Consecutive chunks of one stream, but not all of it.
                 if self._add(buf, view, 0, nbytes, step, index, count, buf[2] << 8 | buf[3],
                              now, writes, hook):
                     return count
@@ -439,41 +467,66 @@ class BatchAssembler:
                 self.malformed += 1
                 self.pending = None
                 return False
+            if stream.have and not self._sizes_fit(stream):
+                return False
         pieces = stream.pieces
+        fresh = pieces[index:index + count].count(None) == count
+        completes = fresh and bool(stream.count) and stream.have + count == stream.count
         # A run that completes the stream stays in the receive buffer, and so does a batch of
         # several chunks (the first UDP send of two): the forwarder then receives into its
         # other buffer until the stream is done (`held`). Anything else is copied.
-        completes = (
-            bool(stream.count)
-            and stream.have + count == stream.count
-            and not any(i in pieces for i in range(index, index + count))
-        )
-        if completes or (count > 1 and stream.held is None):
-            source, base = view, 0
+        if start == 0 and count > 1 and (completes or stream.held is None):
+            layout = self._layouts.get((id(buf), step))
+            if layout is None:
+                layout = self._layout(buf, step)
+            run = layout[2][1:count + 1]  # slot 0's data is view[CHUNK_LEN:step] ...
+            run[0] = view[CHUNK_LEN:step]  # ... with the meta, if this is chunk 0
+            run[-1] = view[(count - 1) * step + CHUNK_LEN:end]
             if not completes:
                 stream.held = buf
         else:
-            source, base = memoryview(bytearray(view[start:end])), -start
-        for offset in range(start, end, step):
-            if index not in pieces:
-                pieces[index] = source[offset + base + CHUNK_LEN:min(offset + step, end) + base]
-                stream.have += 1
-            index += 1
+            source = memoryview(bytes(view[start:end]))
+            run = [source[at + CHUNK_LEN:min(at + step, end - start)]
+                   for at in range(0, end - start, step)]
+        if fresh:
+            pieces[index:index + count] = run
+            stream.have += count
+        else:  # some of them again (duplicates)
+            for offset, piece in enumerate(run):
+                if pieces[index + offset] is None:
+                    pieces[index + offset] = piece
+                    stream.have += 1
         if stream.count:
-            for i, piece in pieces.items():
-                if i >= stream.count or len(piece) != stream.expected(i):
-                    self.malformed += 1
-                    self.pending = None
-                    return False
+            # Every chunk but the last is `chunk` bytes: checking this run's ends suffices.
+            last = index + count - 1
+            if (
+                last >= stream.count
+                or len(run[-1]) != stream.expected(last)
+                or (count > 1 and len(run[0]) != stream.chunk)
+            ):
+                self.malformed += 1
+                self.pending = None
+                return False
         if stream.complete():
             self.pending = None
-            iov: IoVec = [b"", pieces[0][META_LEN:]]
-            iov += [pieces[i] for i in range(1, stream.count)]
-            self._write_whole(iov, stream.size, stream.gso_type, stream.hdr_len,
-                              stream.gso_size, stream.csum_start, stream.csum_offset, writes,
-                              hook)
+            iov: IoVec = [b"", pieces[0][META_LEN:]]  # type: ignore[index]
+            iov += pieces[1:stream.count]  # type: ignore[arg-type]
+            if self._finish(iov, stream.size, stream.gso_type, stream.hdr_len,
+                            stream.gso_size, stream.csum_start, stream.csum_offset):
+                self._deliver(iov, writes, hook)
         else:
             self.pending = stream
+        return True
+
+    def _sizes_fit(self, stream: _Stream) -> bool:
+        """Chunk 0 came after others: check those against the meta now."""
+        for index, piece in enumerate(stream.pieces):
+            if piece is not None and (
+                index >= stream.count or len(piece) != stream.expected(index)
+            ):
+                self.malformed += 1
+                self.pending = None
+                return False
         return True
 
     def held(self) -> bytearray | None:
@@ -485,45 +538,51 @@ class BatchAssembler:
         """Copy what the incomplete stream holds of a receive buffer."""
         stream = self.pending
         if stream is not None and stream.held is not None:
-            for index, piece in stream.pieces.items():
-                stream.pieces[index] = memoryview(bytes(piece))
+            pieces = stream.pieces
+            for index, piece in enumerate(pieces):
+                if piece is not None:
+                    pieces[index] = memoryview(bytes(piece))
             stream.held = None
 
-    def _write_whole(
+    def _finish(
         self, iov: IoVec, size: int, gso_type: int, hdr_len: int, gso_size: int,
-        csum_start: int, csum_offset: int, writes: list[IoVec], hook: PacketHook | None,
-    ) -> None:
-        """A complete stream: one TUN write of the whole super-packet. iov[0] is a slot for the
-        vnet header, iov[1] the start of the packet (chunk 0 after the meta), the rest the
-        other chunks' data."""
-        first = iov[1]
-        why = packet_error(first, size, gso_type, gso_size, csum_start, csum_offset)
-        if why is not None:
+        csum_start: int, csum_offset: int,
+    ) -> bool:
+        """Check a complete stream's packet (iov[1] is its start) and put its vnet header in
+        iov[0]. False: malformed (counted)."""
+        if packet_error(iov[1], size, gso_type, gso_size, csum_start, csum_offset) is not None:
             self.malformed += 1
-            return
+            return False
+        self.streams += 1
+        iov[0] = vnet.HEADER.pack(vnet.F_NEEDS_CSUM, gso_type, hdr_len, gso_size, csum_start,
+                                  csum_offset)
+        return True
+
+    def _deliver(self, iov: IoVec, writes: list[IoVec], hook: PacketHook | None) -> None:
+        """Append a finished stream's write, after the hook (if any) saw its headers."""
         if hook is not None:
             # The hook sees the packet's headers in a buffer as long as the packet (it
             # rewrites headers only; the payload stays where it is).
+            first = iov[1]
             scratch = self._scratch
             scratch[:len(first)] = first
             if not hook(scratch, 0, True):
                 return
             iov[1] = memoryview(scratch)[:len(first)]
-        self.streams += 1
-        iov[0] = vnet.HEADER.pack(vnet.F_NEEDS_CSUM, gso_type, hdr_len, gso_size, csum_start,
-                                  csum_offset)
         writes.append(iov)
 
     def _recover(self, stream: _Stream, writes: list[IoVec], hook: PacketHook | None) -> None:
         """An incomplete stream: rebuild every inner segment whose bytes all arrived."""
-        if not stream.count or 0 not in stream.pieces:
+        if not stream.count or stream.pieces[0] is None:
             return  # no headers: nothing can be rebuilt
         chunk, size = stream.chunk, stream.size
         scratch = self._scratch
         base = vnet.HEADER_LEN  # the stream's packet lands at scratch[base:]
         # Lay the stream out contiguously (missing chunks stay whatever they were).
         have = bytearray(stream.count)
-        for index, piece in stream.pieces.items():
+        for index, piece in enumerate(stream.pieces[:stream.count]):
+            if piece is None:
+                continue
             at = index * chunk - META_LEN  # the piece's position in the packet
             if at < 0:
                 scratch[base:base + len(piece) + at] = piece[-at:]
@@ -554,8 +613,8 @@ class BatchAssembler:
             last = first + len(payload) - 1
             if all(have[i] for i in range(first // chunk, last // chunk + 1)):
                 # Copied out: the scratch buffer is reused for the next stream.
-                writes.append([vnet_header, bytes(tunnel_header[wire.HEADER_LEN:]),
-                               bytes(payload)])
+                writes.append([vnet_header,
+                               bytes(tunnel_header[wire.HEADER_LEN:]) + bytes(payload)])
                 self.recovered += 1
 
 
