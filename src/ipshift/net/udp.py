@@ -110,6 +110,12 @@ def send_segments(
     return sock.sendmsg(buffers, ancillary, 0, address)
 
 
+def set_segment_size(sock: socket.socket, size: int) -> None:
+    """Make every send on `sock` longer than `size` bytes go out as datagrams of `size` bytes
+    (UDP_SEGMENT as a socket option: no control message per send). 0 turns it off."""
+    sock.setsockopt(SOL_UDP, UDP_SEGMENT, size)
+
+
 # Control messages per segment size: built once, a tunnel uses one or two sizes.
 _segment_cmsgs: dict[int, list[tuple[int, int, bytes]]] = {}
 

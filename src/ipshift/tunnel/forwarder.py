@@ -137,6 +137,9 @@ class QueuePump:
             self._tun_iov = encoder.read_iov
             self._encapsulator = gso.Encapsulator(encoder.buffer, encoder.PACKET_AT)
             self._scratch_encapsulator = gso.Encapsulator(encoder.scratch, 0)
+            # Chunk batches are sent without a control message: the socket cuts every send
+            # into slot-sized datagrams (lone packets are never longer than a slot).
+            udp.set_segment_size(sock, encoder.slot)
             self.pump_tun = self._batch_tun_pump()  # type: ignore[method-assign]
         else:
             self._tun_buf = bytearray(TUN_READ_SIZE)
@@ -175,7 +178,7 @@ class QueuePump:
         encoder = self._encoder
         assert encoder is not None
         counters = self.counters
-        hooks = self.hooks
+        pump = self  # hooks may be replaced after construction: read them per packet
         readv, fd, read_iov = os.readv, self.tun_fd, encoder.read_iov
         buf, view = encoder.buffer, encoder.view
         vnet_at = encoder.PACKET_AT - vnet.HEADER_LEN
@@ -186,7 +189,24 @@ class QueuePump:
         partial_first = wire.VERSION << 4 | wire.FLAG_PARTIAL
         plain, verified = wire.PLAIN_HEADER, wire.VERIFIED_HEADER
         needs_csum, data_valid = vnet.F_NEEDS_CSUM, vnet.F_DATA_VALID
-        send = self._send
+        sock = self.sock
+        peer = self.peer
+
+        def send_whole(data: memoryview) -> None:
+            """One send of chunk datagrams (or one packet) that the socket cuts itself."""
+            counters.sends += 1
+            try:
+                if peer is None:
+                    sock.send(data)
+                else:
+                    sock.sendto(data, peer)
+            except OSError as exc:
+                counters.send_errors += 1
+                if exc.errno not in _TRANSIENT_SEND_ERRORS:
+                    log.warning("tunnel send failed: %s", exc)
+
+        encode = encoder.encode
+        chunk = encoder.chunk
 
         def pump_tun() -> None:
             size = readv(fd, read_iov) - vnet.HEADER_LEN
@@ -194,7 +214,7 @@ class QueuePump:
             counters.tun_read_bytes += size + vnet.HEADER_LEN
             flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = unpack_vnet(
                 buf, vnet_at)
-            outbound = hooks.outbound
+            outbound = pump.hooks.outbound
             if not gso_type and 20 <= size <= room and outbound is None:
                 # The common small packet (an ACK): one version 1 datagram, in place.
                 if flags & needs_csum:
@@ -206,8 +226,22 @@ class QueuePump:
                 else:
                     buf[header_at:encoder.PACKET_AT] = verified if flags & data_valid else plain
                 counters.datagrams_out += 1
-                send((view[header_at:encoder.PACKET_AT + size],), 0)
+                send_whole(view[header_at:encoder.PACKET_AT + size])
                 return
+            if gso_type and outbound is None:
+                try:
+                    sends = encode(size, flags, gso_type, hdr_len, gso_size, csum_start,
+                                   csum_offset)
+                except PacketError as exc:
+                    counters.bad_tun_packets += 1
+                    log.debug("dropped a packet from TUN: %s", exc)
+                    return
+                if sends:
+                    counters.super_packets_out += 1
+                    counters.datagrams_out += -(-(batch.META_LEN + size) // chunk)
+                    for datagrams, _segment in sends:
+                        send_whole(datagrams)
+                    return
             self._tun_read_general(size, flags, gso_type, hdr_len, gso_size, csum_start,
                                    csum_offset)
 
@@ -237,8 +271,8 @@ class QueuePump:
                     counters.super_packets_out += 1
                     counters.datagrams_out += batch.chunks_for(batch.META_LEN + size,
                                                               encoder.chunk)
-                    for datagrams, segment in sends:
-                        self._send((datagrams,), segment)
+                    for datagrams, _segment in sends:
+                        self._send((datagrams,), 0)  # the socket cuts them (UDP_SEGMENT)
                     return
                 outbound = None  # already applied
             buf, at = encoder.packet(size)
