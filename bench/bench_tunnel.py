@@ -16,12 +16,12 @@ with two queues
 round-trip time. The forwarders' CPU time per GB carried (both ends, user + system) is in the
 notes.
 
-A third figure for one stream, "super-packet prototype", is the design NOTES section 2
-measured: each TSO super-packet is shipped as it is (cut into 1472-byte UDP datagrams that are
-not packets) and the GRO batch written back whole. It is not a tunnel anyone else could
-decode and breaks as soon as a batch is not exactly one super-packet (any loss, any router
-cutting GSO apart), but it shows what the kernel side of this data path costs without the
-per-packet work that a real encapsulation needs.
+A third figure for one stream, "super-packet prototype", is the data path with no framing at
+all: each TSO super-packet is shipped as it is (cut into 1472-byte UDP datagrams that are not
+packets) and the GRO batch written back whole. It is not a tunnel anyone could use (it breaks
+as soon as a batch is not exactly one super-packet: any loss, any reordering, any router cutting
+GSO apart), but it shows what the kernel side of this data path costs without any Python work
+per packet or chunk.
 """
 
 from __future__ import annotations

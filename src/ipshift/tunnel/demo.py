@@ -35,7 +35,8 @@ def run_demo(args: argparse.Namespace) -> int:
         site = TunnelSite(lab, Path(tmp))
         h1, g1, h2 = site.h1, site.g1, site.h2
         t1, t2 = site.start_tunnel(site.g1, v6=False), site.start_tunnel(site.g2, v6=False)
-        say("tunnels up (TSO super-packets from TUN, UDP_SEGMENT out, UDP_GRO in)")
+        say("tunnels up: TSO super-packets from TUN cross whole, in MTU-sized chunks "
+            "(batch framing; UDP_SEGMENT out, UDP_GRO in)")
         ping = h1.run(["ping", "-q", "-c", "20", "-i", "0.01", "198.51.100.65"], check=False,
                       timeout=30)
         say("ping h1 -> h2 through the tunnel: "
@@ -53,6 +54,10 @@ def run_demo(args: argparse.Namespace) -> int:
             f"({c.get('super_packets_out', 0)} super-packets) -> "
             f"{c.get('datagrams_out', 0)} datagrams in {c.get('sends', 0)} sends; "
             f"malformed {c.get('malformed', 0)}")
+        c = site.counters(site.g2, t2)
+        say(f"g2 counters: {c.get('udp_receives', 0)} GRO receives -> "
+            f"{c.get('super_packets_in', 0)} super-packets written whole to TUN; "
+            f"incomplete {c.get('streams_incomplete', 0)}")
         for proc in (t1, t2):
             proc.stop()
     say("tearing down the lab")
