@@ -102,10 +102,11 @@ def test_tcp_both_directions_with_software_checksums(
         assert counters["super_packets_out"] > 0 and counters["super_packets_in"] > 0
 
 
-def test_batch_framing_delivers_what_survives_loss(site: Site) -> None:
+def test_batch_framing_under_loss_delivers_what_survives_and_falls_back(site: Site) -> None:
     # 2 % of the tunnel's datagrams from g1 are dropped one by one on their way to g2:
     # super-packets arrive with chunks missing. g2 must deliver every inner segment that
-    # arrived whole (with correct checksums at h2), and TCP must recover the rest.
+    # arrived whole (with correct checksums at h2), TCP must recover the rest, and g2's loss
+    # reports must make g1 send per-packet framing for a while.
     first, second = site.tunnel(site.g1), site.tunnel(site.g2)
     site.underlay_loss(2)
     try:
@@ -115,7 +116,12 @@ def test_batch_framing_delivers_what_survives_loss(site: Site) -> None:
         counters = site.status(site.g2, second)
         assert counters["streams_incomplete"] > 0
         assert counters["segments_recovered"] > 0
+        assert counters["loss_reports_sent"] > 0
         assert counters["malformed"] == 0 and counters["write_errors"] == 0
+        sender = site.status(site.g1, first)
+        assert sender["loss_reports_received"] > 0 and sender["fallbacks"] == 1
+        # per-packet datagrams: many more than the chunks of the super-packets sent
+        assert sender["datagrams_out"] > 30 * sender["super_packets_out"]
     finally:
         site.underlay_loss(0)
         assert first.stop() == 0, first.stderr()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from ipshift.packet import vnet
 from ipshift.tunnel import Counters, Forwarder, QueuePump, batch, wire
 from ipshift.tunnel.config import AddressMapping
 from ipshift.tunnel.rewrite import AddressRewriter
+from tests.unit.test_tunnel_batch import encode
 from tests.unit.test_tunnel_support import (
     assert_checksums_valid,
     complete_write,
@@ -43,9 +45,7 @@ class End:
         return -(-(len(packet) + batch.META_LEN) // self.chunk)
 
 
-@pytest.fixture(params=[None, 1468], ids=["packet-framing", "batch-framing"])
-def ends(request: pytest.FixtureRequest) -> Iterator[tuple[End, End]]:
-    chunk = request.param
+def _ends(chunk: int | None) -> Iterator[tuple[End, End]]:
     sa = udp.open_udp(("127.0.0.1", 0))
     sb = udp.open_udp(("127.0.0.1", 0))
     sa.connect(sb.getsockname())
@@ -63,6 +63,16 @@ def ends(request: pytest.FixtureRequest) -> Iterator[tuple[End, End]]:
     for end, queue in made:
         for s in (end.tun, queue, end.sock):
             s.close()
+
+
+@pytest.fixture(params=[None, 1468], ids=["packet-framing", "batch-framing"])
+def ends(request: pytest.FixtureRequest) -> Iterator[tuple[End, End]]:
+    yield from _ends(request.param)
+
+
+@pytest.fixture
+def batch_ends() -> Iterator[tuple[End, End]]:
+    yield from _ends(1468)
 
 
 def from_kernel(end: End, header: vnet.VnetHeader, packet: bytes) -> None:
@@ -279,3 +289,75 @@ def test_open_tun_checks_its_arguments(name: str, queues: int, kwargs: dict[str,
 
     with pytest.raises(ValueError):
         tun.open_tun(name, queues=queues, **kwargs)
+
+
+# --- batch framing's loss feedback ----------------------------------------------------------------
+def test_loss_report_makes_the_sender_fall_back_for_a_while(
+    batch_ends: tuple[End, End],
+) -> None:
+    a, b = batch_ends
+    packet, start, offset = super_packet(4, 30 * 1400)
+    header = SUPER(vnet.F_NEEDS_CSUM, vnet.GSO_TCPV4, 52, 1400, start, offset)
+
+    def cross() -> int:
+        """Send the super-packet a -> b; the datagrams it took."""
+        before = a.pump.counters.datagrams_out
+        from_kernel(a, header, bytes(packet))
+        a.pump.pump_tun()
+        drain_udp(b)
+        assert to_kernel(b) == [(header, bytes(packet))]
+        return a.pump.counters.datagrams_out - before
+
+    assert cross() == a.datagrams_for(packet, 1400)  # chunks
+    # b saw 10 of 100 streams arrive incomplete
+    b.sock.send(batch.REPORT.pack(batch.REPORT_BYTE, 0, 0, 90, 10))
+    drain_udp(a)
+    assert a.pump.counters.loss_reports_received == 1 and a.pump.counters.fallbacks == 1
+    assert cross() == 30  # one packet per datagram
+    a.pump.fallback.until = time.monotonic() - 1  # the fallback period is over
+    assert cross() == a.datagrams_for(packet, 1400)
+    # a report of little loss changes nothing; a malformed one is counted
+    b.sock.send(batch.REPORT.pack(batch.REPORT_BYTE, 0, 0, 1000, 1))
+    b.sock.send(batch.REPORT.pack(batch.REPORT_BYTE, 1, 0, 0, 50))
+    drain_udp(a)
+    assert a.pump.counters.fallbacks == 1 and a.pump.counters.malformed == 1
+    assert cross() == a.datagrams_for(packet, 1400)
+
+
+def test_incomplete_streams_are_reported_to_the_sender(batch_ends: tuple[End, End]) -> None:
+    a, b = batch_ends
+    first, start, offset = super_packet(4, 20 * 1400, seq=1)
+    second, _, _ = super_packet(4, 20 * 1400, seq=1 + 20 * 1400)
+    encoder = batch.BatchEncoder(1468, 65507)
+    for packet, skip in ((first, 3), (second, None)):
+        (datagrams,) = encode(encoder, packet, start, offset, 1400)
+        for index, datagram in enumerate(datagrams):
+            if index != skip:
+                a.sock.send(datagram)
+    drain_udp(b)
+    counters = b.pump.counters
+    assert counters.streams_incomplete == 1 and counters.segments_recovered > 0
+    assert counters.loss_reports_sent == 1
+    assert select.select([a.sock], [], [], 2)[0]
+    report = a.sock.recv(100)
+    assert batch.REPORT.unpack(report) == (batch.REPORT_BYTE, 0, 0, 0, 1)
+    written = to_kernel(b)
+    assert written[-1][1] == bytes(second)  # the complete one arrives whole after the rest
+
+
+def test_loss_feedback_parts() -> None:
+    reporter = batch.LossReporter()
+    assert reporter.due(10, 0, 1.0) is None  # no loss, no report
+    first = reporter.due(10, 2, 1.0)
+    assert first is not None and batch.REPORT.unpack(first)[3:] == (10, 2)
+    assert reporter.due(20, 3, 1.05) is None  # too soon
+    later = reporter.due(20, 3, 1.2)
+    assert later is not None and batch.REPORT.unpack(later)[3:] == (10, 1)
+    fallback = batch.Fallback()
+    assert not fallback.active(5.0)
+    assert fallback.on_report(batch.REPORT.pack(batch.REPORT_BYTE, 0, 0, 95, 5), 5.0)
+    assert fallback.active(5.0 + batch.FALLBACK_SECONDS - 0.1)
+    assert not fallback.active(5.0 + batch.FALLBACK_SECONDS)
+    assert not fallback.on_report(batch.REPORT.pack(batch.REPORT_BYTE, 0, 0, 97, 3), 20.0)
+    with pytest.raises(batch.BatchError):
+        fallback.on_report(b"\x21" + bytes(12), 20.0)

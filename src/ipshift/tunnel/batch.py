@@ -67,6 +67,20 @@ MAX_SEGMENTS_PER_SEND = 64
 _VALID_GSO = frozenset({vnet.GSO_TCPV4, vnet.GSO_TCPV6, vnet.GSO_UDP_L4})
 
 
+# Loss feedback. A receiver that finds streams arriving incomplete tells the sender, at most
+# every REPORT_INTERVAL seconds, in a 12-byte datagram: version 2 with flag 0x1, two reserved
+# bytes, then the streams it completed and the streams that arrived incomplete since its last
+# report (32 bits each). A sender that hears that at least LOSS_SHARE of the streams, and at
+# least MIN_INCOMPLETE of them, were incomplete sends super-packets in per-packet framing for
+# FALLBACK_SECONDS, then tries batch framing again.
+REPORT_BYTE = FIRST_BYTE | 0x1
+REPORT = struct.Struct(">BBHII")
+REPORT_LEN = REPORT.size
+REPORT_INTERVAL = 0.1
+LOSS_SHARE = 0.05
+MIN_INCOMPLETE = 2  # one lost chunk now and then is no reason to change
+FALLBACK_SECONDS = 10.0
+
 # The first two bytes of chunk headers 0, 1, 2, ...: (version, index) pairs back to back.
 _HEADS = b"".join(bytes([FIRST_BYTE, index]) for index in range(MAX_CHUNKS))
 
@@ -116,6 +130,52 @@ class BatchError(PacketError):
 def chunks_for(length: int, chunk: int) -> int:
     """How many chunks carry a stream of `length` bytes (meta included)."""
     return -(-length // chunk)
+
+
+class LossReporter:
+    """Receive side of the loss feedback: when to tell the sender, and what."""
+
+    def __init__(self) -> None:
+        self._complete = 0
+        self._incomplete = 0
+        self._last = float("-inf")
+
+    def due(self, complete: int, incomplete: int, now: float) -> bytes | None:
+        """The report to send now, given the running totals of complete and incomplete
+        streams; None when there is no news or the last report is too recent."""
+        if incomplete <= self._incomplete or now - self._last < REPORT_INTERVAL:
+            return None
+        report = REPORT.pack(REPORT_BYTE, 0, 0, (complete - self._complete) & 0xFFFFFFFF,
+                             (incomplete - self._incomplete) & 0xFFFFFFFF)
+        self._complete, self._incomplete, self._last = complete, incomplete, now
+        return report
+
+
+class Fallback:
+    """Send side of the loss feedback: whether super-packets go in per-packet framing now."""
+
+    def __init__(self) -> None:
+        self.until = 0.0  # per-packet framing until then (monotonic); 0.0: batch framing
+        self.count = 0  # times it fell back
+
+    def on_report(self, data: Buffer, now: float) -> bool:
+        """Take a loss report; True if it makes the sender fall back. Raises BatchError for a
+        malformed one."""
+        if len(data) != REPORT_LEN or data[0] != REPORT_BYTE or data[1] or data[2] or data[3]:
+            raise BatchError("bad-report", f"{len(data)}-byte loss report")
+        _first, _reserved, _zero, complete, incomplete = REPORT.unpack_from(data)
+        if incomplete >= MIN_INCOMPLETE and incomplete >= LOSS_SHARE * (complete + incomplete):
+            if not self.until:
+                self.count += 1
+            self.until = now + FALLBACK_SECONDS
+            return True
+        return False
+
+    def active(self, now: float) -> bool:
+        """Is the sender in per-packet framing? (Back to batch framing once the time is up.)"""
+        if self.until and now >= self.until:
+            self.until = 0.0
+        return bool(self.until)
 
 
 # --- send -------------------------------------------------------------------------------------

@@ -72,6 +72,9 @@ class Counters:
     foreign: int = 0  # datagrams from an address that is not the peer (unconnected sockets)
     streams_incomplete: int = 0  # batch framing: super-packets that lost chunks on the way
     segments_recovered: int = 0  # ... and the segments of them delivered nonetheless
+    loss_reports_sent: int = 0  # reports of incomplete streams sent to the peer
+    loss_reports_received: int = 0  # ... received from it
+    fallbacks: int = 0  # times loss reports made this end send per-packet framing for a while
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -130,6 +133,8 @@ class QueuePump:
         self.counters = counters or Counters()
         self.max_batch = udp.max_batch(sock.family)
         self._encoder: batch.BatchEncoder | None = None
+        # Loss reports from the peer make batch framing send per-packet for a while.
+        self.fallback = batch.Fallback()
         if chunk:
             # Batch framing: TUN reads scatter into a buffer laid out as chunk datagrams.
             self._encoder = encoder = batch.BatchEncoder(chunk, self.max_batch, TUN_READ_SIZE)
@@ -147,6 +152,7 @@ class QueuePump:
             self._encapsulator = gso.Encapsulator(self._tun_buf, vnet.HEADER_LEN)
         self._decapsulator = gso.Decapsulator(udp.MAX_RECEIVE + 1)
         self._assembler = self.assembler = batch.BatchAssembler()
+        self._reporter = batch.LossReporter()
         self._writes: list[gso.IoVec] = []
         # A router's GRO may join datagrams of both framings into one batch.
         self._decapsulator.on_other = self._chunk_among_packets
@@ -207,6 +213,7 @@ class QueuePump:
 
         encode = encoder.encode
         chunk = encoder.chunk
+        fallback = self.fallback
 
         def pump_tun() -> None:
             size = readv(fd, read_iov) - vnet.HEADER_LEN
@@ -228,7 +235,7 @@ class QueuePump:
                 counters.datagrams_out += 1
                 send_whole(view[header_at:encoder.PACKET_AT + size])
                 return
-            if gso_type and outbound is None:
+            if gso_type and outbound is None and not fallback.until:
                 try:
                     sends = encode(size, flags, gso_type, hdr_len, gso_size, csum_start,
                                    csum_offset)
@@ -258,7 +265,7 @@ class QueuePump:
         assert encoder is not None
         outbound = self.hooks.outbound
         try:
-            if gso_type:
+            if gso_type and not self.fallback.active(time.monotonic()):
                 # The headers are in the first slot, where the hook can rewrite them.
                 if outbound is not None and not outbound(
                     encoder.buffer, encoder.PACKET_AT, bool(flags & vnet.F_NEEDS_CSUM)
@@ -412,6 +419,9 @@ class QueuePump:
                             counters.write_errors += 1
                             log.debug("TUN write failed: %s", exc)
                         return
+                if size == batch.REPORT_LEN and buf[0] == batch.REPORT_BYTE and not segment:
+                    self._on_report(buf)
+                    return
                 before = assembler.malformed
                 if size and buf[0] == batch.FIRST_BYTE:  # batch framing
                     if decapsulator.pending is not None:
@@ -450,9 +460,30 @@ class QueuePump:
         return _single(buf, memoryview(buf), start, end, self._writes, self.hooks.inbound)
 
     def _count_assembler(self) -> None:
-        """Carry the assembler's loss figures into the counters."""
-        self.counters.streams_incomplete = self._assembler.lost
-        self.counters.segments_recovered = self._assembler.recovered
+        """Carry the assembler's loss figures into the counters, and tell the peer when
+        streams arrive incomplete (it may fall back to per-packet framing)."""
+        assembler = self._assembler
+        counters = self.counters
+        counters.streams_incomplete = assembler.lost
+        counters.segments_recovered = assembler.recovered
+        report = self._reporter.due(assembler.streams, assembler.lost, time.monotonic())
+        if report is not None:
+            counters.loss_reports_sent += 1
+            self._send((report,), 0)
+
+    def _on_report(self, buf: bytearray) -> None:
+        counters = self.counters
+        try:
+            fell_back = self.fallback.on_report(memoryview(buf)[:batch.REPORT_LEN],
+                                                time.monotonic())
+        except PacketError:
+            counters.malformed += 1
+            return
+        counters.loss_reports_received += 1
+        if fell_back and self.fallback.count != counters.fallbacks:
+            counters.fallbacks = self.fallback.count
+            log.info("the peer reports lost chunks: per-packet framing for %.0f s",
+                     batch.FALLBACK_SECONDS)
 
     def waiting(self) -> bool:
         """Is an incomplete batch-framed super-packet waiting for the rest of its chunks?"""
