@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,6 +117,42 @@ def test_an_independent_peer_and_malformed_datagrams(pair: tuple[Node, Node, Pat
         assert counters["malformed"] == 5 and counters["datagrams_in"] == 1
         assert proc.running()
     finally:
+        assert proc.stop() == 0, proc.stderr()
+
+
+def gso_max_size(node: Node, dev: str) -> int:
+    return int(json.loads(node.ip("-d", "-j", "link", "show", "dev", dev))[0]["gso_max_size"])
+
+
+def settles(node: Node, dev: str, size: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gso_max_size(node, dev) == size:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_gso_max_size_follows_ip_forwarding(pair: tuple[Node, Node, Path]) -> None:
+    """On a host, TCP super-packets are built to fit one UDP send; once the namespace forwards,
+    the device gets the kernel's 64 KB back (a smaller limit would make the kernel cut forwarded
+    super-packets into single packets), and the host limit returns when forwarding stops."""
+    a, _, tmp = pair
+    proc, socket = start(a, tmp, "tun-f")
+    host_limit = 64576  # 44 chunks of 1468 bytes, the stream's 16-byte meta included
+    try:
+        assert gso_max_size(a, "tun-f") == host_limit
+        fields = status(a, socket)["fields"]
+        assert isinstance(fields, dict) and fields["gso_max_size"] == host_limit
+        a.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        assert settles(a, "tun-f", 0x10000), proc.stderr()
+        fields = status(a, socket)["fields"]
+        assert isinstance(fields, dict) and fields["gso_max_size"] == 0x10000
+        assert "IP forwarding is on" in proc.stderr()
+        a.run(["sysctl", "-qw", "net.ipv4.ip_forward=0"])
+        assert settles(a, "tun-f", host_limit), proc.stderr()
+    finally:
+        a.run(["sysctl", "-qw", "net.ipv4.ip_forward=0"])
         assert proc.stop() == 0, proc.stderr()
 
 

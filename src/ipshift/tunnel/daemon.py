@@ -37,6 +37,7 @@ log = logging.getLogger("ipshift.tunnel")
 
 PUBLISH_INTERVAL = 0.5  # seconds between a worker's counter updates to the parent
 DEFAULT_UNDERLAY_MTU = 1500
+TUN_GSO_MAX_SIZE = 0x10000  # a new TUN device's gso_max_size
 
 
 class TunnelError(Exception):
@@ -59,7 +60,7 @@ class TunnelDaemon:
         self.sockets: list[socket.socket] = []
         self.mtu = 0
         self.chunk: int | None = None  # batch framing's chunk size (the MTU); None: per packet
-        self.gso_max_size = 0x10000  # the largest TSO super-packet the device is given
+        self.gso_max_size = TUN_GSO_MAX_SIZE  # the largest TSO super-packet the device builds
         self._forwarder: Forwarder | None = None
         self._local_counters: list[Counters] = []
         self._workers: list[multiprocessing.process.BaseProcess] = []
@@ -121,24 +122,49 @@ class TunnelDaemon:
                 else:
                     log.warning("tunnel MTU %d is below %d: using per-packet framing",
                                 self.mtu, batch.MIN_CHUNK)
-            if self.chunk and not netns.call_in(config.netns, _forwarding):
-                # Nothing is forwarded into the device on a host, so only our own TCP builds
-                # super-packets: have it build them small enough for one UDP send (two sends
-                # and joining them cost a third of the throughput). On a router the limit
-                # would make the kernel cut forwarded super-packets into single packets.
-                self.gso_max_size = batch.BatchEncoder.one_send_limit(
-                    self.chunk, udp.max_batch(
-                        socket.AF_INET6 if config.remote.host.version == 6 else socket.AF_INET))
-                nl.set_link(config.dev, gso_max_size=self.gso_max_size)
-            # Otherwise TSO stays at the kernel's 64 KB: a smaller gso_max_size/segs would make
-            # the kernel segment forwarded super-packets in software before they reach us (one
-            # read per packet). A full 64 KB super-packet then takes two UDP sends, and the far
-            # end joins the two GRO batches again.
+            self._set_gso_max_size(nl, netns.call_in(config.netns, _forwarding))
             nl.set_link(config.dev, mtu=self.mtu, up=True)
             for address in config.addresses:
                 nl.add_address(config.dev, str(address), nodad=True, replace=True)
             for prefix in config.routes:
                 nl.replace_route(Route(str(prefix), dev=config.dev))
+
+    def _set_gso_max_size(self, nl: Netlink, forwarding: bool) -> bool:
+        """Give the device the gso_max_size that suits a host or a router; True if it changed.
+
+        Nothing is forwarded into the device on a host, so only local TCP builds super-packets:
+        have it build them small enough for one UDP send (two sends, and joining them, cost a
+        third of the throughput). On a router that limit would make the kernel cut every larger
+        forwarded super-packet into single packets in software before it reaches us (one read
+        per packet), so there TSO keeps the kernel's 64 KB: a full super-packet takes two UDP
+        sends and the far end joins the two GRO batches again."""
+        wanted = TUN_GSO_MAX_SIZE
+        if self.chunk and not forwarding:
+            family = socket.AF_INET6 if self.config.remote.host.version == 6 else socket.AF_INET
+            wanted = batch.BatchEncoder.one_send_limit(self.chunk, udp.max_batch(family))
+        if wanted == self.gso_max_size:
+            return False
+        nl.set_link(self.config.dev, gso_max_size=wanted)
+        self.gso_max_size = wanted
+        return True
+
+    def follow_forwarding(self) -> bool:
+        """Re-read whether the namespace forwards IP (it may be switched on or off while the
+        tunnel runs) and adapt the device's gso_max_size to it; True if it changed. The CLI
+        daemon calls this every second."""
+        if self.device is None or not self.chunk:
+            return False
+        forwarding = netns.call_in(self.config.netns, _forwarding)
+        try:
+            with Netlink(self.config.netns) as nl:
+                changed = self._set_gso_max_size(nl, forwarding)
+        except NetError as exc:
+            log.warning("cannot set gso_max_size of %s: %s", self.config.dev, exc)
+            return False
+        if changed:
+            log.info("IP forwarding is %s: gso_max_size of %s is now %d",
+                     "on" if forwarding else "off", self.config.dev, self.gso_max_size)
+        return changed
 
     def start(self) -> None:
         """Start forwarding: a thread for one queue, worker processes for several."""
@@ -318,6 +344,7 @@ def run_daemon(config: TunnelConfig, *, socket_path: Path | None) -> int:
                 try:
                     await asyncio.wait_for(stop.wait(), 1.0)
                 except TimeoutError:
+                    daemon.follow_forwarding()
                     if not daemon.alive():
                         log.error("tunnel %s: forwarding stopped unexpectedly", config.dev)
                         return 1
