@@ -19,6 +19,7 @@ from ipshift.net.netlink import (
     Route,
     Rule,
 )
+from ipshift.net.rtbatch import RouteBatch
 
 pytestmark = pytest.mark.netns
 
@@ -168,6 +169,52 @@ def test_rules_add_list_del(pair):
     for rule in rules:
         nl.del_rule(rule)
     assert not [r for r in nl.rules() if 1000 <= r.priority <= 1004]
+
+
+def test_rule_delete_names_its_protocol(pair):
+    """A delete that names a protocol leaves a rule of another protocol alone (a daemon only
+    ever deletes what it owns)."""
+    _, nl = pair
+    theirs = Rule(1010, table=110, src="203.0.113.0/24", proto=4)
+    nl.add_rule(theirs)
+    with pytest.raises(NetlinkError):
+        nl.del_rule(Rule(1010, table=110, src="203.0.113.0/24", proto=73))
+    assert [r.proto for r in nl.rules() if r.priority == 1010] == [4]
+    nl.del_rule(theirs)
+    assert not [r for r in nl.rules() if r.priority == 1010]
+
+
+def test_route_batch_adds_replaces_and_deletes_only_its_own(pair):
+    a, nl = pair
+    mine = [Route(f"203.0.113.{i}/32", gateway="192.0.2.2", dev="to-b1", table=120, proto=73)
+            for i in range(0, 200, 2)]
+    mine.append(Route("2001:db8:77::/48", table=120, proto=73, metric=7, nexthops=(
+        NextHop("2001:db8:1::2", "to-b1", weight=2), NextHop("2001:db8:2::2", "to-b2"))))
+    theirs = Route("203.0.113.1/32", gateway="198.51.100.2", dev="to-b2", table=120, proto=4)
+    nl.add_route(theirs)
+    with RouteBatch(a.ns, per_datagram=32) as batch:
+        assert batch.apply([("add", r) for r in mine], nl.index) == [None] * len(mine)
+        again = batch.apply([("add", mine[0]), ("replace", mine[1]),
+                             ("add", Route("203.0.113.9/32", dev="gone0", table=120)),
+                             ("add", Route("203.0.113.10/32", gateway="2001:db8::1",
+                                           table=120))], nl.index)
+        assert again[0] is not None and again[0][0] == errno.EEXIST
+        assert again[1] is None
+        assert again[2] is not None and again[2][0] == errno.ENODEV
+        assert again[3] is not None and again[3][0] == errno.EINVAL
+        listed = {r.dst: r for r in nl.routes(120)}
+        assert len(listed) == len(mine) + 1
+        assert listed["203.0.113.0/32"].gateway == "192.0.2.2"
+        assert listed["203.0.113.0/32"].proto == 73
+        six = listed["2001:db8:77::/48"]
+        assert six.metric == 7 and [(h.gateway, h.weight) for h in six.nexthops] == [
+            ("2001:db8:1::2", 2), ("2001:db8:2::2", 1)]
+        # Deleting everything as protocol 73 leaves the protocol-4 route.
+        victims = [("del", Route(r.dst, table=120, proto=73)) for r in [*mine, theirs]]
+        results = batch.apply(victims, nl.index)
+        assert results[:-1] == [None] * len(mine)
+        assert results[-1] is not None and results[-1][0] == errno.ESRCH
+    assert [r.dst for r in nl.routes(120)] == ["203.0.113.1/32"]
 
 
 def test_neighbours_probe_managed_permanent(pair):

@@ -1,9 +1,8 @@
-"""Kernel adapter pieces that need no kernel: conversions, the nft ruleset, the batched route
-encoder, conntrack selection, the ARP and ND codecs, and the CLI's one-line answers."""
+"""Kernel adapter pieces that need no kernel: conversions, the nft ruleset, conntrack
+selection, the ARP and ND codecs, and the CLI's one-line answers."""
 
 import ipaddress
 import socket
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +22,10 @@ from ipshift.routes.kernel import (
     from_route,
     from_rule,
     pin_ruleset,
-    rule_del_argv,
     to_route,
     to_rule,
 )
 from ipshift.routes.plan import FlushConntrack, KNexthop, KRoute, KRule
-from ipshift.routes.rtbatch import RTM_DELROUTE, RTM_NEWROUTE, _acks, encode_route
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLES = {"main": 254, "default": 253, "local": 255}
@@ -68,8 +65,6 @@ def test_rule_round_trip_and_owned_delete():
     assert from_rule(r) == k
     # an unmasked fwmark is dumped with mask 0xffffffff: same rule
     assert from_rule(Rule(10, 100, fwmark=3, fwmask=0xFFFFFFFF)) == KRule(4, 10, 100, fwmark=3)
-    argv = rule_del_argv(KRule(4, 20, 20, src=ipaddress.ip_network("198.51.100.0/26")), 73)
-    assert argv[-2:] == ["protocol", "73"] and "198.51.100.0/26" in argv
 
 
 def test_pin_ruleset_marks_and_restores_per_uplink():
@@ -82,30 +77,6 @@ def test_pin_ruleset_marks_and_restores_per_uplink():
     assert 'oifname "wan0" rt ip nexthop 198.51.100.1' in text
     assert 'iifname "wan0" ct mark' not in text and 'iifname "wan1" ct mark' in text
     assert text.count("meta mark set") == 6  # prerouting + output per uplink
-
-
-def test_batched_route_encoding_parses_back():
-    from pyroute2.netlink.rtnl.rtmsg import rtmsg
-
-    route = KRoute(4, 7300, ipaddress.ip_network("198.51.100.128/25"),
-                   (KNexthop("wan0", GW1, 2), KNexthop("wan1", GW2, 3)), metric=5,
-                   src=ipaddress.ip_address("198.51.100.2"))
-    data = encode_route("replace", route, 73, {"wan0": 3, "wan1": 4}.__getitem__, 42)
-    length, kind, flags, seq, _ = struct.unpack_from("=IHHII", data)
-    assert length == len(data) and kind == RTM_NEWROUTE and seq == 42 and flags & 0x100
-    msg = rtmsg(data)
-    msg.decode()
-    assert msg["proto"] == 73 and msg["dst_len"] == 25
-    assert msg.get_attr("RTA_TABLE") == 7300 and msg.get_attr("RTA_PRIORITY") == 5
-    assert msg.get_attr("RTA_DST") == "198.51.100.128"
-    assert msg.get_attr("RTA_PREFSRC") == "198.51.100.2"
-    hops = msg.get_attr("RTA_MULTIPATH")
-    assert [(h["oif"], h["hops"], h.get_attr("RTA_GATEWAY")) for h in hops] == [
-        (3, 1, "198.51.100.1"), (4, 2, "203.0.113.1")]
-    d = encode_route("del", route, 73, {"wan0": 3, "wan1": 4}.__getitem__, 43)
-    assert struct.unpack_from("=H", d, 4)[0] == RTM_DELROUTE
-    err = struct.pack("=IHHII", 36, 2, 0, 43, 0) + struct.pack("=i", -17) + b"\0" * 16
-    assert _acks(err) == [(43, 17)]
 
 
 def _entry(src, reply_dst, mark=0):

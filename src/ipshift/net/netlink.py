@@ -950,7 +950,8 @@ class Netlink:
             kwargs["oifname"] = rule.oif
         if rule.suppress_prefixlen is not None:
             kwargs["suppress_prefixlen"] = rule.suppress_prefixlen
-        if rule.proto is not None and verb == "add":
+        if rule.proto is not None:
+            # On delete, the kernel then matches only a rule of that protocol (the owner's).
             kwargs["protocol"] = rule.proto
         self._request(f"rule {verb} priority {rule.priority}", "rule", verb, **kwargs)
 

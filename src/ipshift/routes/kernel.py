@@ -15,12 +15,14 @@ through an uplink leave through it.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
 
 from ipshift.net.conntrack import Conntrack, ConntrackEntry
 from ipshift.net.netlink import Link, Netlink, NextHop, Route, Rule
+from ipshift.net.rtbatch import RouteBatch
 from ipshift.routes.model import IPAddress, RoutesConfig
 from ipshift.routes.plan import (
     FlushConntrack,
@@ -31,7 +33,6 @@ from ipshift.routes.plan import (
     KRule,
     RemoveRoute,
 )
-from ipshift.routes.rtbatch import RouteBatch
 
 V6_DEFAULT_METRIC = 1024
 
@@ -95,24 +96,6 @@ def from_rule(r: Rule) -> KRule:
                  r.table if r.action == "lookup" else 0, r.action,
                  ipaddress.ip_network(r.src) if r.src else None,
                  ipaddress.ip_network(r.dst) if r.dst else None, r.iif, r.oif, r.fwmark, fwmask)
-
-
-def rule_del_argv(k: KRule, proto: int) -> list[str]:
-    """`ip rule del` arguments naming the protocol, so only an owned rule can match."""
-    argv = ["-6" if k.family == 6 else "-4", "rule", "del", "priority", str(k.priority)]
-    if k.src:
-        argv += ["from", str(k.src)]
-    if k.dst:
-        argv += ["to", str(k.dst)]
-    if k.fwmark is not None:
-        argv += ["fwmark", f"{k.fwmark:#x}" + (f"/{k.fwmask:#x}" if k.fwmask is not None else "")]
-    if k.iif:
-        argv += ["iif", k.iif]
-    if k.oif:
-        argv += ["oif", k.oif]
-    argv += ["lookup", str(k.table)] if k.action == "lookup" else [k.action]
-    argv += ["protocol", str(proto)]
-    return argv
 
 
 def interfaces_of(addrs: Iterable[tuple[str, int]]) -> set[IPInterface]:
@@ -232,8 +215,11 @@ class KernelAdapter:
         """Many route changes in few datagrams; (errno, text) per refused change."""
         if self._batch is None:
             self._batch = RouteBatch(self.netns)
-        todo = [("del", a.route) if isinstance(a, RemoveRoute)
-                else ("replace" if a.replace else "add", a.route) for a in ops]
+        # A delete names the protocol, so only an owned route matches, and any scope.
+        todo = [("del", dataclasses.replace(to_route(a.route, self.proto), scope=None))
+                if isinstance(a, RemoveRoute)
+                else ("replace" if a.replace else "add", to_route(a.route, self.proto))
+                for a in ops]
         cache: dict[str, int] = {}
 
         def index_of(dev: str) -> int:
@@ -241,13 +227,13 @@ class KernelAdapter:
                 cache[dev] = self.nl.index(dev)
             return cache[dev]
 
-        return self._batch.apply(todo, self.proto, index_of)
+        return self._batch.apply(todo, index_of)
 
     def add_rule(self, k: KRule) -> None:
         self.nl.add_rule(to_rule(k, self.proto))
 
     def remove_rule(self, k: KRule) -> None:
-        self.nl.ip(*rule_del_argv(k, self.proto), what=f"rule del priority {k.priority}")
+        self.nl.del_rule(to_rule(k, self.proto))  # names the protocol: only an owned rule
 
     def flush_conntrack(self, act: FlushConntrack) -> int:
         if self._ct is None:
