@@ -72,6 +72,20 @@ def test_spawn_captures_output_and_stops(lab):
     assert "lo" in res.stdout
 
 
+def test_a_program_that_does_not_get_ready_is_a_clear_error(lab):
+    a = lab.host("a")
+    died = a.spawn(["sh", "-c", "echo starting; echo 'no such thing' >&2; exit 3"], name="x")
+    with pytest.raises(LabError) as info:
+        died.wait_ready("ready", 10, "the x daemon")
+    text = str(info.value)
+    assert "the x daemon in a did not start (exited with status 3)" in text
+    assert "stderr: no such thing" in text and "stdout: starting" in text
+    slow = a.spawn(["sleep", "60"], name="slow")
+    with pytest.raises(LabError, match=r"still not ready after 0.3 s"):
+        slow.wait_ready("ready", 0.3)
+    assert not slow.running()  # stopped, not left behind
+
+
 def test_node_call_runs_in_namespace(lab):
     a = lab.host("a")
     lab.link(a, lab.host("b"), "192.0.2.1/24", "192.0.2.2/24")

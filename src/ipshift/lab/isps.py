@@ -350,8 +350,7 @@ def capture(node: Node, ifname: str, path: Path) -> LabProcess:
     """tcpdump of what arrives on `ifname` (the router's packets, seen by the ISP)."""
     proc = node.spawn(["tcpdump", "-i", ifname, "-Q", "in", "-nn", "-U", "-w", str(path), "ip"],
                       name=f"tcpdump-{node.name}")
-    if not proc.wait_for_output("listening on", timeout=10):
-        raise LabError(f"tcpdump on {node.name} did not start: {proc.stderr()}")
+    proc.wait_ready("listening on", 20, "tcpdump")
     return proc
 
 

@@ -87,8 +87,7 @@ class DialupSite:
     def start_resend(self, *extra: str, timeout: float = 15) -> LabProcess:
         proc = self.home.spawn([sys.executable, "-m", "ipshift", "resend", "run", "-o", "ppp0",
                                 "-d", "1", *extra], env=self.env, name="ip_resend")
-        if not proc.wait_for_output("armed", timeout=timeout):
-            raise LabError(f"ip_resend did not start: {proc.stderr()}")
+        proc.wait_ready("armed", timeout, "ip_resend")
         return proc
 
     def status(self) -> dict[str, Any] | None:
@@ -198,9 +197,7 @@ class TunnelSite:
         socket = self.socket_of(gateway, len(list(self.sockets.iterdir())))
         proc = gateway.spawn([*self.TUNNEL, "run", *args, "--socket", str(socket), *extra],
                              name=f"tunnel-{gateway.name}")
-        if not proc.wait_for_output(" up: ", timeout=20):
-            proc.stop()
-            raise LabError(f"the tunnel on {gateway.name} did not start: {proc.stderr().strip()}")
+        proc.wait_ready(" up: ", 20, "the tunnel")
         return proc
 
     def socket_of(self, gateway: Node, serial: int) -> Path:

@@ -143,6 +143,23 @@ class LabProcess:
                 return False
             time.sleep(interval)
 
+    def wait_ready(self, text: str, timeout: float, what: str | None = None) -> None:
+        """Wait until `text` shows in the output; if it does not, stop the process and raise
+        LabError saying whether it was still running or how it exited, with the end of both of
+        its outputs."""
+        if self.wait_for_output(text, timeout):
+            return
+        status = self.poll()
+        state = (f"still not ready after {timeout:g} s" if status is None
+                 else f"exited with status {status}")
+        self.stop()
+        parts = [f"{what or self.name} in {self.node.name} did not start ({state})"]
+        for label, text_ in (("stderr", self.stderr()), ("stdout", self.stdout())):
+            tail = text_.strip().splitlines()[-5:]
+            if tail:
+                parts.append(f"{label}: " + " | ".join(tail))
+        raise LabError("; ".join(parts))
+
     def close(self) -> None:
         self._out.close()
         self._err.close()
@@ -456,7 +473,7 @@ class Lab:
         return link
 
     def dialup(
-        self, home: Node, isp: Node, *args: str, ready_timeout: float = 10,
+        self, home: Node, isp: Node, *args: str, ready_timeout: float = 20,
         env: dict[str, str] | None = None,
     ) -> LabProcess:
         """Start the dial-on-demand emulator (`ipshift.lab.dialup`, pppd in demand mode) between
@@ -464,8 +481,7 @@ class Lab:
         once it is ready."""
         argv = [sys.executable, "-m", "ipshift.lab.dialup", "--isp-ns", isp.ns, *args]
         proc = home.spawn(argv, name="dialup", env=env)
-        if not proc.wait_for_output("dialup: ready", timeout=ready_timeout):
-            raise LabError(f"dial-up emulator did not start: {proc.stderr().strip()}")
+        proc.wait_ready("dialup: ready", ready_timeout, "the dial-up emulator")
         return proc
 
     # --- impairments -----------------------------------------------------------------------
