@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -50,9 +51,11 @@ def _run(args: argparse.Namespace) -> int:
         say(f"=== scenario {name}: {SCENARIOS[name][1]} ===")
         try:
             rc = _load(name)(args)
-        except KeyboardInterrupt:
-            say("interrupted; everything the demo created has been removed")
-            return 130
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)  # lab.Interrupted: SIGTERM, SIGHUP
+            say(f"interrupted ({signal.Signals(signum).name}); everything the demo created "
+                "has been removed")
+            return 128 + signum
         say(f"=== scenario {name}: {'done' if rc == 0 else f'FAILED ({rc})'} ===")
         status = status or rc
     return status

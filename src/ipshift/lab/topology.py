@@ -64,6 +64,15 @@ def _check_run(argv: Sequence[str], *, input: str | None = None, timeout: float 
     return res.stdout
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP during a lab's `with` block, raised so that the block unwinds and
+    cleans up like it does on Ctrl-C; `signum` says which (a program exits 128 + signum)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
 class LabProcess:
     """A program running inside a lab namespace; output goes to temporary files (no pipe stalls)."""
 
@@ -360,7 +369,7 @@ class Lab:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Turn the signal into an exception so `with` blocks unwind and clean up.
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise Interrupted(signum)
 
     def close(self) -> None:
         with self._lock:
