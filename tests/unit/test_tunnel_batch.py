@@ -266,7 +266,64 @@ def test_hook_rewrites_the_assembled_super_packet() -> None:
     assert rx.writes == []
 
 
-@pytest.mark.parametrize("damage", ["version", "length", "gso", "flags", "chunk-size"])
+def test_a_last_chunk_past_the_last_whole_slot_of_the_buffer() -> None:
+    """A stream whose short last chunk lies beyond the buffer's last whole slot: one GRO batch
+    of both sends of a 45-chunk stream, or a 64-chunk stream after its chunk 0."""
+    packet, start, offset = super_packet(4, 64900)
+    datagrams = [d for send in chunk_sends(packet, start, offset, 1448) for d in send]
+    assert len(datagrams) == 45
+    rx = Receiver()
+    assert rx.batch(datagrams) == 45
+    assert [w[1] for w in rx.writes] == [packet]
+    packet, start, offset = super_packet(4, 65348)
+    datagrams = [d for send in chunk_sends(packet, start, offset, 1000, chunk=1038)
+                 for d in send]
+    assert len(datagrams) == 64
+    rx = Receiver()
+    rx.batch(datagrams[:1])
+    rx.batch(datagrams[1:])
+    assert [w[1] for w in rx.writes] == [packet]
+
+
+def test_a_hook_sees_each_stream_of_one_batch_in_its_own_buffer() -> None:
+    encoder = batch.BatchEncoder(1468, 65507)
+    size = 3 * 1468 - batch.META_LEN - 52  # exactly three full chunks
+    packets = [super_packet(4, size, seq=seq, seed=seed) for seq, seed in ((1, 1), (9999, 2))]
+    sends = [encode(encoder, packet, start, offset, 1000) for packet, start, offset in packets]
+    rx = Receiver(hook=lambda buf, at, partial: True)
+    rx.batch(sends[0][0] + sends[1][0])
+    assert [w[1] for w in rx.writes] == [p for p, _, _ in packets]
+
+
+def test_recovery_needs_the_headers() -> None:
+    """A stream whose L4 header would lie in a lost chunk (a hostile csum_start) rebuilds
+    nothing rather than segments with stale headers."""
+    packet, start, offset = super_packet(6, 10 * 1400)
+    (send,) = chunk_sends(packet, start, offset, 1400)
+    rx = Receiver()
+    rx.batch([send[0], *send[2:]])
+    rx.flush()
+    assert rx.assembler.recovered == len(rx.writes) > 0  # chunk 1 lost: the others' segments
+    hostile = bytearray(send[0])
+    struct.pack_into(">H", hostile, batch.CHUNK_LEN + 6, 1480)  # csum_start: in chunk 1
+    rx = Receiver()
+    # What an earlier stream left where the lost L4 header would go: a plausible TCP header.
+    stale = vnet.HEADER_LEN + 1480
+    rx.assembler._scratch[stale:stale + 20] = bytes(12) + b"\x50" + bytes(7)
+    rx.batch([bytes(hostile), *send[2:]])
+    rx.flush()
+    assert rx.writes == [] and rx.assembler.recovered == 0
+
+
+def test_packet_error_needs_a_whole_ipv4_header() -> None:
+    packet = bytearray(3000)
+    packet[0], packet[2:4], packet[9], packet[12] = 0x40, (3000).to_bytes(2, "big"), 6, 0x50
+    assert batch.packet_error(packet, 3000, vnet.GSO_TCPV4, 1000, 0, 16) is not None
+    packet[0], packet[32] = 0x45, 0x50
+    assert batch.packet_error(packet, 3000, vnet.GSO_TCPV4, 1000, 20, 16) is None
+
+
+@pytest.mark.parametrize("damage", ["version", "length", "gso", "flags", "hdr-len", "chunk-size"])
 def test_malformed_streams_are_counted_and_dropped(damage: str) -> None:
     packet, start, offset = super_packet(4, 10 * 1400)
     (send,) = chunk_sends(packet, start, offset, 1400)
@@ -279,6 +336,8 @@ def test_malformed_streams_are_counted_and_dropped(damage: str) -> None:
         first[4 + 1] = 9
     elif damage == "flags":
         first[4] = 0
+    elif damage == "hdr-len":
+        first[4 + 2:4 + 4] = b"\xff\xff"  # headers longer than the packet
     else:
         first[4 + 12:4 + 14] = (1000).to_bytes(2, "big")
     rx = Receiver()

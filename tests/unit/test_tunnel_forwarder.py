@@ -24,6 +24,7 @@ from tests.unit.test_tunnel_support import (
     assert_checksums_valid,
     complete_write,
     gso_type_for,
+    segments_of,
     super_packet,
 )
 
@@ -361,3 +362,36 @@ def test_loss_feedback_parts() -> None:
     assert not fallback.on_report(batch.REPORT.pack(batch.REPORT_BYTE, 0, 0, 97, 3), 20.0)
     with pytest.raises(batch.BatchError):
         fallback.on_report(b"\x21" + bytes(12), 20.0)
+
+
+def test_a_bad_datagram_of_the_other_framing_in_a_batch_counts_once(
+    batch_ends: tuple[End, End],
+) -> None:
+    """A GRO batch may mix both framings; a malformed datagram in it is counted exactly once,
+    whichever framing the batch starts with."""
+    a, b = batch_ends
+    ip = bytearray(596)
+    ip[0], ip[2:4], ip[9] = 0x45, (596).to_bytes(2, "big"), 17
+    bad_chunk = b"\x20\x00\x00\x07" + bytes(596)  # chunk 0 with a meta of zeros
+    udp.send_segments(a.sock, [b"\x10\x00\x00\x00" + bytes(ip) + bad_chunk], 600)
+    drain_udp(b)
+    assert b.pump.counters.malformed == 1
+    bad_packet = b"\x13" + bytes(599)  # version 1 with reserved flags
+    udp.send_segments(a.sock, [b"\x20\x03\x00\x07" + bytes(596) + bad_packet], 600)
+    drain_udp(b)
+    assert b.pump.counters.malformed == 2
+
+
+def test_a_loss_report_does_not_hold_back_an_open_run(batch_ends: tuple[End, End]) -> None:
+    """A report right after the first half of a per-packet run: the run goes to TUN without
+    waiting for another datagram."""
+    a, b = batch_ends
+    packet, start, offset = super_packet(4, 20 * 1400, flags="A")
+    datagrams = segments_of(packet, start, offset, 1400, vnet.GSO_TCPV4)
+    udp.send_segments(a.sock, [b"".join(datagrams)], len(datagrams[0]))
+    a.sock.send(batch.REPORT.pack(batch.REPORT_BYTE, 0, 0, 100, 0))
+    time.sleep(0.05)
+    # One call: the batch (its run stays open: no PSH, so the call receives on), the report.
+    b.pump.pump_udp()
+    assert len(to_kernel(b, 0.3)) == 1
+    assert b.pump.counters.loss_reports_received == 1

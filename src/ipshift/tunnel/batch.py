@@ -95,7 +95,11 @@ def packet_error(
         return "headers not in the first chunk"
     version = packet[0] >> 4
     if version == 4:
-        if (packet[2] << 8 | packet[3]) != size or csum_start != (packet[0] & 0x0F) * 4:
+        if (
+            (packet[2] << 8 | packet[3]) != size
+            or csum_start != (packet[0] & 0x0F) * 4
+            or csum_start < 20
+        ):
             return "IPv4 length or header length"
         protocol = packet[9]
     elif version == 6:
@@ -476,7 +480,8 @@ class BatchAssembler:
         # An iovec to write a whole stream: a slot for the vnet header, the packet's start in
         # chunk 0, then each datagram's data (the last one is cut to size per stream).
         slices: list[Buffer] = [b"", view[CHUNK_LEN + META_LEN:step]]
-        slices += [view[at + CHUNK_LEN:at + step] for at in range(step, len(buf) - step + 1, step)]
+        # Every slot that starts in the buffer, the last one too when it does not fit whole.
+        slices += [view[at + CHUNK_LEN:at + step] for at in range(step, len(buf), step)]
         layout = self._layouts[(id(buf), step)] = (view, pairs, slices)
         return layout
 
@@ -487,7 +492,10 @@ class BatchAssembler:
         """One chunk datagram at buf[start:end]. Returns False if it was malformed."""
         if buf[start] != FIRST_BYTE and self.on_other is not None:
             # A per-packet datagram that a GRO joined to chunks (same size, same flow).
-            return self.on_other(buf, start, end)
+            if self.on_other(buf, start, end):
+                return True
+            self.malformed += 1
+            return False
         if end - start <= CHUNK_LEN or buf[start] != FIRST_BYTE:
             self.malformed += 1
             return False
@@ -610,7 +618,11 @@ class BatchAssembler:
     ) -> bool:
         """Check a complete stream's packet (iov[1] is its start) and put its vnet header in
         iov[0]. False: malformed (counted)."""
-        if packet_error(iov[1], size, gso_type, gso_size, csum_start, csum_offset) is not None:
+        if (
+            hdr_len > size
+            or packet_error(iov[1], size, gso_type, gso_size, csum_start, csum_offset)
+            is not None
+        ):
             self.malformed += 1
             return False
         self.streams += 1
@@ -622,13 +634,14 @@ class BatchAssembler:
         """Append a finished stream's write, after the hook (if any) saw its headers."""
         if hook is not None:
             # The hook sees the packet's headers in a buffer as long as the packet (it
-            # rewrites headers only; the payload stays where it is).
+            # rewrites headers only; the payload stays where it is). A buffer per stream: a
+            # batch may complete several streams before any of them is written.
             first = iov[1]
-            scratch = self._scratch
-            scratch[:len(first)] = first
-            if not hook(scratch, 0, True):
+            headers = bytearray(sum(len(piece) for piece in iov[1:]))
+            headers[:len(first)] = first
+            if not hook(headers, 0, True):
                 return
-            iov[1] = memoryview(scratch)[:len(first)]
+            iov[1] = memoryview(headers)[:len(first)]
         writes.append(iov)
 
     def _recover(self, stream: _Stream, writes: list[IoVec], hook: PacketHook | None) -> None:
@@ -649,6 +662,13 @@ class BatchAssembler:
             else:
                 scratch[base + at:base + at + len(piece)] = piece
             have[index] = 1
+        def arrived(end: int) -> bool:
+            """Did the stream's first `end` bytes (meta included) all arrive?"""
+            return all(have[:-(-end // chunk)])
+
+        # The fixed part of the L4 header (its length field) must be here to read it.
+        if not arrived(META_LEN + min(stream.csum_start + 20, size)):
+            return
         try:
             version, l4_len, header_len = super_packet_shape(
                 scratch, base, size, stream.vnet_flags, stream.gso_type, stream.gso_size,
@@ -662,6 +682,8 @@ class BatchAssembler:
             self.malformed += 1
             return
         del version, l4_len
+        if not arrived(META_LEN + header_len):
+            return  # options of the L4 header are missing
         if segment == 0:
             return  # one segment, and some of it missing
         pieces = [iov[i:i + 2] for i in range(0, len(iov), 2)]

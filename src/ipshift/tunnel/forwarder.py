@@ -421,6 +421,8 @@ class QueuePump:
                         return
                 if size == batch.REPORT_LEN and buf[0] == batch.REPORT_BYTE and not segment:
                     self._on_report(buf)
+                    if decapsulator.pending is not None:
+                        decapsulator.flush(writes, hook)
                     return
                 before = assembler.malformed
                 if size and buf[0] == batch.FIRST_BYTE:  # batch framing
@@ -451,8 +453,14 @@ class QueuePump:
                 self._write(writes)
 
     def _chunk_among_packets(self, buf: bytearray, start: int, end: int) -> bool:
-        return self._assembler.receive_one(
+        assembler = self._assembler
+        taken = assembler.receive_one(
             buf, start, end, time.monotonic(), self._writes, self.hooks.inbound)
+        if not taken:
+            # The decapsulator counts the datagrams it hands over and that are refused; the
+            # assembler counted this one too (exactly once, whatever the reason).
+            assembler.malformed -= 1
+        return taken
 
     def _packet_among_chunks(self, buf: bytearray, start: int, end: int) -> bool:
         if self._decapsulator.pending is not None:
