@@ -29,6 +29,10 @@ def test_r_and_R():
         _parse("-o", "ppp0", "-r", "1", "-R", "1")  # one or the other, as in the seed
     with pytest.raises(UserError):
         _parse("-o", "ppp0", "-w", "-1")
+    for option in ("-w", "-r", "-R"):
+        for value in ("nan", "inf"):
+            with pytest.raises(UserError, match="number of seconds"):
+                _parse("-o", "ppp0", option, value)
 
 
 def test_socket_derived_from_interface():

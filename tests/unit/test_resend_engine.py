@@ -319,3 +319,117 @@ def test_every_mapping_is_removed_when_a_cycle_ends(events, persistent):
                 assert not live  # a finished cycle leaves no mapping behind
         if e.state in ("armed", "captured", "linkup", "done"):
             assert not live
+
+
+def test_packets_a_resend_cannot_help_are_not_captured():
+    """TTL 1 (the resent copy would leave with 0), fragments (one fragment cannot be
+    reassembled), link-scoped and multicast destinations (no reply comes to the new address)."""
+    e = ResendEngine()
+    e.packet_out(raw(IP(src=OLD, dst=DNS_SRV, ttl=1) / UDP(sport=33434, dport=33434)), 0.0)
+    e.packet_out(raw(IP(src=OLD, dst=DNS_SRV, ttl=0) / UDP(sport=33435, dport=33434)), 0.0)
+    first_fragment = raw(IP(src=OLD, dst=DNS_SRV, flags="MF") / UDP(sport=5, dport=6) / Raw(
+        b"x" * 64))
+    e.packet_out(first_fragment, 0.0)
+    solicit = raw(IPv6(src=OLD6, dst="ff02::1:2", hlim=1) / UDP(sport=546, dport=547))
+    e.packet_out(solicit, 0.0)
+    e.packet_out(raw(IPv6(src=OLD6, dst="ff05::1:3") / UDP(sport=546, dport=547)), 0.0)
+    e.packet_out(raw(IP(src=OLD, dst="169.254.1.1") / UDP(sport=7, dport=7)), 0.0)
+    assert e.state == "armed" and e.counters.captured == 0 and e.counters.ignored == 6
+    e.packet_out(raw(IP(src=OLD, dst=DNS_SRV, ttl=2) / UDP(sport=33436, dport=33434)), 0.0)
+    assert e.counters.captured == 1
+    e.actions()
+    e.wakeup(NEW, 1.0)
+    (resend,) = [a for a in e.actions() if isinstance(a, Resend)]
+    assert IP(resend.data).ttl == 1
+
+
+def test_link_padding_is_not_resent():
+    packet = dns_query()
+    e = ResendEngine()
+    e.packet_out(packet + bytes(6), 0.0)  # Ethernet pads short frames
+    e.actions()
+    e.wakeup(NEW, 1.0)
+    (resend,) = [a for a in e.actions() if isinstance(a, Resend)]
+    assert len(resend.data) == len(packet)
+    assert_valid_rewrite(resend.data, NEW, ttl=63)
+
+
+def test_one_busy_flow_does_not_keep_the_others_mapped():
+    """Each UDP/ICMP mapping lingers after its own last reply: a TCP download started while
+    dialing does not keep the DNS mapping alive."""
+    e = ResendEngine(ResendConfig(linger=1.0, check_interval=1000.0))
+    e.packet_out(dns_query(), 0.0)
+    e.packet_out(syn(), 0.0)
+    e.actions()
+    e.wakeup(NEW, 1.0)
+    maps = {a.mapping.proto: a.mapping for a in e.actions() if isinstance(a, MapFlow)}
+    e.packet_in(dns_reply(), 1.1)
+    data = raw(IP(src="198.51.100.80", dst=NEW) / TCP(sport=22, dport=50000, flags="A"))
+    e.packet_in(data, 1.2)
+    assert e.state == "holding" and e.wants_replies
+    unmapped = []
+    now = 1.2
+    while now < 60.0:  # a segment every 0.5 s for a minute
+        now += 0.5
+        e.packet_in(data, now)
+        timer = e.next_timer()
+        if timer is not None and timer <= now:
+            e.handle_timer(now)
+        unmapped += [a.mapping for a in e.actions() if isinstance(a, UnmapFlow)]
+    assert unmapped == [maps[17]]  # the DNS mapping ended 1 s after its reply; TCP stays
+    assert not e.wants_replies  # only TCP is left: followed in conntrack, not by reading
+
+
+def test_a_udp_flow_that_keeps_talking_keeps_its_mapping():
+    e = ResendEngine(ResendConfig(linger=1.0, check_interval=1000.0))
+    e.packet_out(dns_query(), 0.0)
+    e.actions()
+    e.wakeup(NEW, 1.0)
+    e.actions()
+    for step in range(1, 6):
+        e.packet_in(dns_reply(), 1.0 + step * 0.8)
+        e.handle_timer(1.0 + step * 0.8)
+    assert e.state == "holding" and not any(isinstance(a, UnmapFlow) for a in e.actions())
+    e.handle_timer(e.next_timer())
+    assert kinds(e.actions()) == ["UnmapFlow", "CycleDone"]
+
+
+def test_a_routed_source_is_neither_resent_nor_mapped():
+    e = ResendEngine()
+    e.packet_out(dns_query(src="198.51.100.20"), 0.0)  # a routed LAN host, not masqueraded
+    (lookup,) = e.actions()
+    e.foreign_source(lookup.flow)
+    assert e.state == "armed" and e.counters.ignored == 1
+    e.packet_out(dns_query(src="198.51.100.20", qid=2), 0.1)  # the same flow again
+    assert e.state == "armed" and e.counters.captured == 1
+    e.packet_out(dns_query(), 0.2)  # this host's own
+    e.actions()
+    e.wakeup(NEW, 1.0)
+    maps = [a.mapping for a in e.actions() if isinstance(a, MapFlow)]
+    assert [(m.inner_addr, m.keep_inner_local) for m in maps] == [(OLD, True)]
+
+
+@pytest.mark.parametrize("message", [
+    "0.0.0.0", "::", "224.0.0.1", "127.0.0.2", "fe80::1", "fe80::1%ppp0", "169.254.0.9",
+    "203.0.113.7 198.51.100.9",
+])
+def test_wakeup_refuses_addresses_that_cannot_be_the_new_one(message):
+    e = ResendEngine()
+    e.packet_out(dns_query(), 0.0)
+    e.actions()
+    with pytest.raises(WakeupError, match="still waiting"):
+        e.wakeup(message, 1.0)
+    assert e.state == "captured" and e.counters.bad_messages == 1
+    assert e.wakeup(f"{NEW} {NEW6}", 1.5).startswith("resent 1")
+
+
+def test_a_remapped_echo_identifier_is_restored():
+    e = ResendEngine()
+    e.packet_out(raw(IP(src=OLD, dst=DNS_SRV) / ICMP(id=1001, seq=1)), 0.0)
+    (lookup,) = e.actions()
+    e.origin_found(lookup.flow, "198.51.100.20", 7)  # masquerading changed id 7 to 1001
+    e.wakeup(NEW, 1.0)
+    (m,) = [a.mapping for a in e.actions() if isinstance(a, MapFlow)]
+    inbound, outbound = mapping_rules(m)
+    assert inbound.endswith("icmp id 1001 ip daddr set 198.51.100.20 icmp id set 7")
+    assert outbound.endswith("icmp id 7 ip saddr set 203.0.113.100 icmp id set 1001")

@@ -57,8 +57,8 @@ def config_from_args(args: argparse.Namespace) -> ResendConfig:
     if wait is None:
         wait = 10.0
     for name, value in (("-w", args.wakeup_wait), ("-r/-R", wait)):
-        if value < 0:
-            raise UserError(f"{name} must not be negative")
+        if not 0 <= value < float("inf"):  # also refuses nan
+            raise UserError(f"{name} must be a number of seconds, 0 or more (not {value})")
     if not 1 <= args.max_packets <= 4096:
         raise UserError("--max-packets must be within 1..4096")
     return ResendConfig(

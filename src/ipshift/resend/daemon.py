@@ -73,6 +73,9 @@ def mapping_rules(m: FlowMapping) -> tuple[str, str]:
         outbound = (f"{ipk} saddr {m.inner_addr} {ipk} daddr {m.peer} "
                     f"{icmp} type echo-request {icmp} id {m.inner_port} "
                     f"{ipk} saddr set {m.outer_addr}")
+        if m.inner_port != m.outer_port:  # masquerading changed the echo identifier
+            inbound += f" {icmp} id set {m.inner_port}"
+            outbound += f" {icmp} id set {m.outer_port}"
     else:
         raise ValueError(f"no mapping for protocol {m.proto}")
     return inbound, outbound
@@ -250,8 +253,9 @@ class ResendDaemon:
         time."""
         assert self._loop is not None
         want_out = self.engine.state in ("armed", "captured")
-        # open for replies before the wakeup: they can arrive right after the resend
-        want_in = self.engine.state in ("captured", "awaiting", "holding")
+        # open for replies before the wakeup (they can arrive right after the resend) and
+        # while UDP/ICMP mappings linger; closed while only TCP mappings remain
+        want_in = self.engine.wants_replies
         if want_out and self._out_sock is None:
             self._out_sock = PacketSocket(self.snoop, netns=self.netns, direction="out")
             self._loop.add_reader(self._out_sock.fileno(), self._read, self._out_sock, True)
@@ -336,7 +340,19 @@ class ResendDaemon:
             if origin[0] != flow.local and origin[1] is not None:
                 log.info("%s was masqueraded from %s:%s", flow, origin[0], origin[1])
                 self.engine.origin_found(flow, origin[0], int(origin[1]))
+                return
+            break
+        # Not masqueraded: this host's own packet, or one routed from a network behind it,
+        # whose replies do not depend on the link's address.
+        assert self._netlink is not None
+        try:
+            local = {a.address for a in self._netlink.addresses()}
+        except NetError as exc:
+            log.warning("cannot list local addresses: %s", exc)
             return
+        if flow.local not in local:
+            log.info("%s comes from a routed network, not from this host: not resent", flow)
+            self.engine.foreign_source(flow)
 
     def _map(self, m: FlowMapping) -> None:
         assert self._nft is not None and self._conntrack is not None

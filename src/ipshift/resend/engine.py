@@ -6,8 +6,9 @@ One cycle of a demand-dial link, as the adapter feeds it:
     captured   packets held; waiting up to `wakeup_wait` for the wakeup message with the new address
     awaiting   packets re-sent with the new source; waiting up to `response_wait` for the replies,
                which the kernel maps back to the old address by per-flow rewrites we installed
-    holding    all replies in; UDP/ICMP mappings linger briefly, TCP mappings stay while the
-               connection lives (the adapter reports flows that are gone)
+    holding    all replies in; each UDP/ICMP mapping lingers briefly after its own last reply,
+               TCP mappings stay while the connection lives (the adapter reports flows that
+               are gone)
     linkup     (persistent mode) cycle over while the link is up: nothing is captured until the
                link goes down (a `stop` message, or the new address leaving the interface)
     done       cycle over: the daemon exits
@@ -21,6 +22,7 @@ import ipaddress
 import logging
 from dataclasses import dataclass, field, replace
 
+from ipshift.packet import PacketError
 from ipshift.resend.flows import (
     PROTO_ICMP,
     PROTO_ICMPV6,
@@ -29,6 +31,7 @@ from ipshift.resend.flows import (
     PacketInfo,
     describe,
     rewrite_source,
+    usable_new_address,
 )
 
 log = logging.getLogger("ipshift.resend")
@@ -43,7 +46,7 @@ class ResendConfig:
     translate: bool = True  # False with -R: watch for replies but map nothing
     persistent: bool = False  # re-arm after each cycle instead of ending
     max_packets: int = 64  # packets kept per cycle
-    linger: float = 1.0  # UDP/ICMP mappings stay this long after the last reply
+    linger: float = 1.0  # a UDP/ICMP mapping stays this long after its flow's last reply
     check_interval: float = 2.0  # how often TCP mappings are checked for liveness
 
     @property
@@ -159,6 +162,7 @@ class ResendEngine:
     _captured: list[_Captured] = field(default_factory=list)
     _seen: set[tuple[object, ...]] = field(default_factory=set)
     _flows: dict[FlowKey, _Flow] = field(default_factory=dict)
+    _foreign: set[FlowKey] = field(default_factory=set)  # flows of routed sources (this cycle)
     _deadline: float | None = None
     _next_check: float | None = None
     _actions: list[Action] = field(default_factory=list)
@@ -185,8 +189,12 @@ class ResendEngine:
         if len(self._captured) >= self.config.max_packets:
             self.counters.overflow += 1
             return
+        if info.key in self._foreign:
+            self.counters.ignored += 1
+            return
         self._seen.add(info.dedup)
-        self._captured.append(_Captured(info, bytes(data), info.key.local, info.key.local_port))
+        self._captured.append(_Captured(info, bytes(data[:info.size]), info.key.local,
+                                        info.key.local_port))
         self.counters.captured += 1
         if self.state == "armed":
             self.state = "captured"
@@ -203,6 +211,18 @@ class ResendEngine:
         for c in self._captured:
             if c.info.key == flow and (addr, port) != (flow.local, flow.local_port):
                 c.inner_addr, c.inner_port, c.keep_inner_local = addr, port, False
+
+    def foreign_source(self, flow: FlowKey) -> None:
+        """`flow`'s source is neither an address of this host nor masqueraded by it (a routed
+        network behind it): its replies reach that network whatever the link's address, so it
+        is neither resent nor mapped."""
+        kept = [c for c in self._captured if c.info.key != flow]
+        self.counters.ignored += len(self._captured) - len(kept)
+        self._captured = kept
+        self._foreign.add(flow)
+        if self.state == "captured" and not kept:
+            self.state = "armed"
+            self._deadline = None
 
     def wakeup(self, message: str, now: float) -> str:
         """A message from ip_resend_wakeup; returns the answer for it. Raises WakeupError."""
@@ -225,6 +245,15 @@ class ResendEngine:
         if not addresses:
             self.counters.bad_messages += 1
             raise WakeupError("empty wakeup message; still waiting")
+        for address in addresses:
+            why = usable_new_address(address)
+            if why is not None:
+                self.counters.bad_messages += 1
+                raise WakeupError(f"{address} cannot be the link's new address: {why}; "
+                                  "still waiting")
+        if len({a.version for a in addresses}) != len(addresses):
+            self.counters.bad_messages += 1
+            raise WakeupError("more than one new address of one family; still waiting")
         if self.state in ("awaiting", "holding"):
             return "busy: already resent for this cycle"
         self.link_addresses = {str(a) for a in addresses}
@@ -250,8 +279,11 @@ class ResendEngine:
         if not flow.answered:
             flow.answered = True
             log.info("reply for %s arrived", flow.key)
-        if all(f.answered for f in self._flows.values()):
-            self._all_answered(now)
+        if self.state == "awaiting":
+            if all(f.answered for f in self._flows.values()):
+                self._all_answered(now)
+        elif flow.key.proto != PROTO_TCP:
+            self._deadline = self._linger_deadline()  # this flow's mapping lingers on
 
     def flows_gone(self, mappings: list[FlowMapping], now: float) -> None:
         """The adapter found no connection any more for these (TCP) mappings."""
@@ -288,8 +320,9 @@ class ResendEngine:
                 self._all_answered(now)
             elif self.state == "holding":
                 for f in list(self._flows.values()):
-                    if f.key.proto != PROTO_TCP:
+                    if f.key.proto != PROTO_TCP and f.last_reply + self.config.linger <= now:
                         self._drop_flow(f)
+                self._deadline = self._linger_deadline()
                 self._maybe_finish()
         if self._next_check is not None and now >= self._next_check:
             tcp = tuple(f.mapping for f in self._flows.values()
@@ -347,7 +380,11 @@ class ResendEngine:
                     )
                     self._actions.append(MapFlow(mapping))
                 self._flows[reply_key] = _Flow(mapping, reply_key)
-            resends.append(Resend(key.version, rewrite_source(c.data, new)))
+            try:
+                resends.append(Resend(key.version, rewrite_source(c.data, new)))
+            except PacketError as exc:  # captured packets were checked: not expected
+                self.counters.malformed += 1
+                log.warning("not resending %s: %s", key, exc)
         self._actions.extend(resends)
         self.counters.resent += len(resends)
         parts = [f"resent {len(resends)} packet(s)"]
@@ -379,8 +416,23 @@ class ResendEngine:
             self._end_cycle("replies seen (-R: not translated)", rearm=self.config.persistent)
             return
         self.state = "holding"
-        self._deadline = now + self.config.linger
+        self._deadline = self._linger_deadline()
         self._maybe_finish()
+
+    def _linger_deadline(self) -> float | None:
+        """When the next UDP/ICMP mapping has lingered long enough after its last reply."""
+        ends = [f.last_reply + self.config.linger for f in self._flows.values()
+                if f.key.proto != PROTO_TCP]
+        return min(ends) if ends else None
+
+    @property
+    def wants_replies(self) -> bool:
+        """Whether incoming packets still matter: from the first capture until every reply is
+        in, then while UDP/ICMP mappings linger (TCP mappings are followed in conntrack)."""
+        if self.state in ("captured", "awaiting"):
+            return True
+        return self.state == "holding" and any(
+            f.key.proto != PROTO_TCP for f in self._flows.values())
 
     def _drop_flow(self, flow: _Flow) -> None:
         if flow.mapping is not None:
@@ -396,6 +448,7 @@ class ResendEngine:
             self._drop_flow(flow)
         self._captured.clear()
         self._seen.clear()
+        self._foreign.clear()
         self._deadline = self._next_check = None
         self.counters.cycles += 1
         self.last_cycle = reason

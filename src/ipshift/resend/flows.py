@@ -46,16 +46,24 @@ class FlowKey:
 class PacketInfo:
     key: FlowKey
     dedup: tuple[object, ...]  # equal for retransmissions of the same segment or datagram
+    size: int  # the IP packet's length (bytes after it, such as link padding, are not part)
 
 
 def describe(data: bytes | bytearray | memoryview, *, outgoing: bool) -> PacketInfo | str | None:
     """The flow of a TCP, UDP or ICMP echo packet; None for other packets (not resent), or a
-    short reason string for a malformed one (counted by the engine, never raised)."""
+    short reason string for a malformed one (counted by the engine, never raised).
+
+    Outgoing packets that a resend could not help are None too: fragments (resending one
+    fragment of a datagram cannot be reassembled), a TTL / hop limit of 1 or 0 (the resent
+    copy would have to leave with 0), and link-scoped, multicast or loopback destinations
+    (their replies, if any, do not come back to the link's new address)."""
     try:
         pkt = parse_packet(data)
     except PacketError as exc:
         return exc.reason
-    if pkt.is_fragment and not pkt.has_transport_header:
+    if pkt.is_fragment:
+        return None
+    if outgoing and (pkt.hop_limit <= 1 or not _resendable_destination(pkt.dst_ip)):
         return None
     proto = pkt.protocol
     src, dst = str(pkt.src_ip), str(pkt.dst_ip)
@@ -79,7 +87,21 @@ def describe(data: bytes | bytearray | memoryview, *, outgoing: bool) -> PacketI
     else:
         return None
     key = FlowKey(pkt.version, proto, local, lport, remote, rport)
-    return PacketInfo(key, (key, *extra))
+    return PacketInfo(key, (key, *extra), pkt.end - pkt.offset)
+
+
+def _resendable_destination(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return not (address.is_multicast or address.is_link_local or address.is_loopback
+                or address.is_unspecified)
+
+
+def usable_new_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why `address` cannot be a link's new source address; None if it can."""
+    if address.is_unspecified or address.is_multicast or address.is_loopback:
+        return "unspecified, multicast or loopback"
+    if address.is_link_local:
+        return "link-local (a resend goes beyond the link)"
+    return None
 
 
 @functools.lru_cache(maxsize=64)
@@ -97,5 +119,6 @@ def rewrite_source(data: bytes, new_source: str) -> bytes:
     new = ipaddress.ip_address(new_source).packed
     if not _source_rewrite(old, new).apply(buf):
         raise PacketError("not-rewritten", "packet source does not match")
-    decrement_hop_limit(buf)
+    if decrement_hop_limit(buf) == 0:
+        raise PacketError("hop-limit", "TTL / hop limit would reach 0")
     return bytes(buf)
