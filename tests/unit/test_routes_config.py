@@ -262,3 +262,137 @@ def test_parser_never_crashes(lines):
 @given(st.text(max_size=300))
 def test_parser_fuzz_text(text):
     parse_commands(text, tables=TABLES)
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("ip route add 192.0.2.0/24 dev eth0 table \u00b2", "unknown table"),
+    ("ip rule add prio 10 table \u00b2", "unknown table"),
+    ("ip route add 192.0.2.0/24 dev eth0 table \u0663", "unknown table"),
+    ("ip rule add prio \u0661\u0660 table main", "not a number"),
+    ("ip route add 192.0.2.0/24 dev eth0 metric 1_000", "not a number"),
+    ("ip route add 192.0.2.0/24 dev eth0 metric +5", "not a number"),
+    ("ip route add 2001:db8::/32 via fe80::1%eth9 dev eth0", "zone id"),
+    ("ip -6 rule add prio 10 from fe80::1%eth0 table main", "zone id"),
+    ("ip route add 192.0.2.0/24 to 198.51.100.0/24 dev eth0", "given twice"),
+])
+def test_numbers_are_ascii_and_addresses_have_no_zone(line, fragment):
+    """iproute2 reads numbers with strtoul: Python's int() accepts more ("\u00b2".isdigit() is
+    true but int() refuses it, int("\u0663") is 3, "1_000" is 1000); every such word is one of the
+    parser's own problems, never an exception and never a silent value."""
+    rules, routes, problems = parse_commands(line, "f.ip", tables=TABLES)
+    assert not rules and not routes
+    assert len(problems) == 1 and fragment in str(problems[0]), problems
+
+
+def test_numbers_in_iproute2_bases():
+    p = Parser(TABLES)
+    p.feed("ip route add 192.0.2.0/24 dev eth0 table 0x10 metric 010\n"
+           "ip rule add prio 0x20 fwmark 0x10/0xff table 100\n")
+    assert not p.problems
+    assert (p.routes[0].table, p.routes[0].metric) == (16, 8)
+    assert (p.rules[0].priority, p.rules[0].fwmark, p.rules[0].fwmask) == (32, 16, 255)
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ('[daemon]\nhooks = 5\n', "hooks"),
+    ('include = 3\n', "include"),
+    ('include = [3]\n', "include"),
+    ('[[route]]\ndst = "192.0.2.0/24"\nnexthops = 5\n', "nexthops"),
+    ('[[route]]\ndst = "192.0.2.0/24"\nnexthops = "x"\n', "nexthops"),
+    ('[[uplink]]\ninterface = "wan1"\ngateway = 5\n', "gateway"),
+    ('[[uplink]]\ninterface = "wan1"\ngateway = "fe80::1%wan1"\n', "zone id"),
+    ('[[uplink]]\ninterface = "wan1"\ngateway = "198.51.100.1"\ntable = "\u0663"\n', "table"),
+])
+def test_toml_values_of_the_wrong_type_are_config_errors(tmp_path, body, fragment):
+    text = 'ip = "ip route add default via 192.0.2.1 dev wan0"\n' + body
+    with pytest.raises(ConfigError) as err:
+        config.loads(text, toml=True, tables=TABLES)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    _cfg, problems = config.check(path, tables=TABLES)
+    assert any(fragment in str(p) for p in problems if p.severity == "error"), problems
+
+
+UPLINK = '[[uplink]]\ninterface = "wan1"\ngateway = "198.51.100.1"\n'
+
+
+@pytest.mark.parametrize("body, fragment", [
+    (UPLINK + "interval = nan\n", "finite"),
+    (UPLINK + "timeout = inf\n", "finite"),
+    (UPLINK + "hold_down = nan\n", "finite"),
+    ("[daemon]\nhook_timeout = nan\n", "finite"),
+    ("[daemon]\nhook_timeout = -1\n", "positive"),
+    ("[daemon]\nmark_mask = -256\n", "mark_mask"),
+    ("[daemon]\nmark_mask = 0x100000000\n", "mark_mask"),
+    ("[daemon]\nmark_mask = 0\n", "mark_mask"),
+    # five uplinks (wan0 from the route), marks 0x10000..0x50000: under the mask 0x20000 is 0
+    # and 0x30000 is 0x10000, another uplink's mark
+    ("[daemon]\nmark_mask = 0xd0000\n" + "".join(
+        f'[[uplink]]\ninterface = "w{i}"\ngateway = "198.51.100.{i + 1}"\n' for i in range(4)),
+     "too few bits"),
+    ("[daemon]\nmark_mask = 0x30000\n" + "".join(
+        f'[[uplink]]\ninterface = "w{i}"\ngateway = "198.51.100.{i + 1}"\n' for i in range(3)),
+     "too few bits"),
+    (UPLINK + "table = 8589934592\n", "out of range"),
+    (UPLINK + "table = -5\n", "out of range"),
+    ("[daemon]\ntable_base = 4294967295\n" + UPLINK, "out of range"),
+])
+def test_settings_and_uplinks_are_validated(body, fragment):
+    text = 'ip = "ip route add default via 192.0.2.1 dev wan0"\n' + body
+    with pytest.raises(ConfigError) as err:
+        config.loads(text, toml=True, tables=TABLES)
+    assert fragment in str(err.value), str(err.value)
+
+
+def test_marks_fit_a_contiguous_mask():
+    text = ("[daemon]\nmark_mask = 0x70000\n" + "".join(
+        f'[[uplink]]\ninterface = "w{i}"\ngateway = "198.51.100.{i + 1}"\n' for i in range(7)))
+    cfg = config.loads(text, toml=True, tables=TABLES)
+    masked = [u.mark & cfg.settings.mark_mask for u in cfg.uplinks]
+    assert all(masked) and len(set(masked)) == 7
+    assert all(u.mark & ~cfg.settings.mark_mask == 0 for u in cfg.uplinks)
+
+
+def test_explicit_default_scope_is_no_scope():
+    """`scope global` on a route via a gateway (and `scope link` on a device route) is what the
+    kernel gives it anyway: the route is an alternative of the same routes written without it."""
+    text = ("ip route append 203.0.113.0/24 via 192.0.2.1 dev eth0\n"
+            "ip route append 203.0.113.0/24 via 198.51.100.1 dev eth1 scope global\n"
+            "ip route append 203.0.113.0/24 dev eth2 scope link\n")
+    cfg = config.loads(text, tables=TABLES)
+    (group,) = cfg.groups().values()
+    assert [r.nexthops[0].dev for r in group] == ["eth0", "eth1", "eth2"]
+    assert all(r.scope is None for r in group)
+    # a scope that really differs cannot share the route key: an error, not a lost route
+    text = ("ip route append 203.0.113.0/24 via 192.0.2.1 dev eth0\n"
+            "ip route append 203.0.113.0/24 via 198.51.100.1 dev eth1 onlink scope link\n")
+    with pytest.raises(ConfigError, match="another scope"):
+        config.loads(text, tables=TABLES)
+
+
+def test_ipv6_routes_take_the_kernels_form():
+    """IPv6: metric 1024 is the kernel's metric 0, and routes have no scope."""
+    text = ("ip -6 route append 2001:db8:1::/48 via 2001:db8::1 dev wan0 metric 1024\n"
+            "ip -6 route append 2001:db8:1::/48 dev wan1 scope link\n"
+            "ip -6 route append 2001:db8:2::/48 dev wan1 scope host metric 0\n")
+    cfg = config.loads(text, tables=TABLES)
+    assert [(r.metric, r.scope) for r in cfg.routes] == [(0, None)] * 3
+    assert len(cfg.groups()) == 2
+
+
+@pytest.mark.parametrize("line", [
+    "ip rule add prio 100 from 0.0.0.0/0 table 100",
+    "ip rule add prio 100 from all to 0.0.0.0/0 table 100",
+    "ip -6 rule add prio 100 to ::/0 table 100",
+    "ip rule add prio 100 fwmark 0x1/0xffffffff table 100",
+    "ip rule add prio 100 fwmark 0 table 100",
+])
+def test_rules_take_the_kernels_form(line):
+    (rule,), _, problems = parse_commands(line, tables=TABLES)
+    assert not problems
+    assert rule.src is None and rule.dst is None and rule.fwmask is None
+    if "fwmark 0 " in line:
+        assert rule.fwmark is None  # mark 0 alone gets mask 0 in the kernel: no mark match
+    plain = parse_commands(line.replace("0x1/0xffffffff", "0x1"), tables=TABLES)[0][0]
+    assert rule == plain

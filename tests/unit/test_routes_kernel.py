@@ -172,3 +172,16 @@ def test_cli_run_with_bad_config_is_one_line(tmp_path):
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert (len(lines) == 1 and "more" in lines[0]) or "root" in lines[0]
+
+
+def test_rules_in_the_kernels_form():
+    # the kernel gives a mark its full mask only when the mark is not 0: say it explicitly
+    assert to_rule(KRule(4, 10, 100, fwmark=0), 73).fwmask == 0xFFFFFFFF
+    assert to_rule(KRule(4, 10, 100, fwmark=3), 73).fwmask == 0xFFFFFFFF
+    assert to_rule(KRule(4, 10, 100), 73).fwmask is None
+    # what the kernel dumps for `from 0.0.0.0/0 fwmark 3/0xffffffff` is the rule configured
+    dumped = from_rule(Rule(10, 100, fwmark=3, fwmask=0xFFFFFFFF))
+    assert dumped == KRule(4, 10, 100, src=D4, fwmark=3, fwmask=0xFFFFFFFF)
+    # `fwmark 0/0xffffffff` (packets without a mark): the kernel dumps the mask alone
+    assert from_rule(Rule(10, 100, fwmask=0xFFFFFFFF)) == KRule(4, 10, 100, fwmark=0)
+    assert from_rule(Rule(10, 100)) == KRule(4, 10, 100)

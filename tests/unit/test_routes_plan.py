@@ -15,6 +15,7 @@ from ipshift.routes.plan import (
     InstallRoute,
     KNexthop,
     KRoute,
+    Planner,
     RemoveRoute,
     RemoveRule,
     RunHook,
@@ -408,3 +409,142 @@ def test_random_events_keep_alive_paths_and_never_touch_foreign_routes(events):
     assert kernel.owned() == {} and kernel.rules == set()
     for key in foreign_keys:
         assert [o for _, o in kernel.routes[key]] == [False]
+
+
+def echo_through_the_kernel(planner, steps=6):
+    """Reconcile, and report every route change back as the daemon reads it (to_route, then
+    from_route): returns the route actions of each step. Converged when the last is empty."""
+    from ipshift.routes.kernel import from_route, to_route
+
+    history = []
+    for i in range(steps):
+        planner.reconcile(float(i))
+        acts = [a for a in planner.actions() if isinstance(a, InstallRoute | RemoveRoute)]
+        history.append(acts)
+        for a in acts:
+            reported = from_route(to_route(a.route, 73))
+            planner.kernel_route(reported, owned=True, present=isinstance(a, InstallRoute))
+        if not acts:
+            break
+    return history
+
+
+def planner_with(text, addrs, toml=False):
+    cfg = config.loads(text, toml=toml, tables=TABLES)
+    planner = Planner(cfg)
+    for dev, addr in addrs.items():
+        planner.set_link(dev, True, True)
+        planner.set_addresses(dev, [ipaddress.ip_interface(a) for a in addr.split()])
+    return cfg, planner
+
+
+def test_ipv6_metric_1024_and_scope_converge():
+    """What the daemon installs is what the kernel reports back: an IPv6 route configured with
+    metric 1024 or with a scope is installed once and stays (no delete, no endless replace)."""
+    text = ("ip -6 route add 2001:db8:10::/48 via 2001:db8:1::1 dev wan0 metric 1024\n"
+            "ip -6 route add 2001:db8:20::/48 dev wan0 scope link\n")
+    _cfg, planner = planner_with(text, {"wan0": "2001:db8:1::2/64"})
+    history = echo_through_the_kernel(planner)
+    assert history[-1] == []
+    assert len(history) == 2  # everything at once, then nothing
+    assert not [a for acts in history for a in acts if isinstance(a, RemoveRoute)]
+    assert {str(k[2]) for k in planner.installed} == {"2001:db8:10::/48", "2001:db8:20::/48",
+                                                      "::/0"}
+
+
+def test_explicit_global_scope_route_is_an_alternative():
+    """`scope global` next to a route without a scope: one alternative group; the route via
+    eth0 takes over when eth1 is down (before, the eth1 group replaced the eth0 one)."""
+    text = ("ip route append 203.0.113.0/24 via 192.0.2.1 dev eth0\n"
+            "ip route append 203.0.113.0/24 via 198.51.100.1 dev eth1 scope global\n")
+    _cfg, planner = planner_with(text, {"eth0": "192.0.2.2/24", "eth1": "198.51.100.2/24"})
+    planner.set_uplink("eth0", "down")
+    history = echo_through_the_kernel(planner)
+    key = (4, 254, ipaddress.ip_network("203.0.113.0/24"), 0, 0)
+    assert planner.installed[key].nexthops[0].dev == "eth1"
+    planner.set_uplink("eth0", "up")
+    planner.set_uplink("eth1", "down")
+    history = echo_through_the_kernel(planner)
+    assert planner.installed[key].nexthops[0].dev == "eth0"
+    assert history[-1] == []
+
+
+def test_rules_written_in_long_form_are_kept_on_restart():
+    """`from 0.0.0.0/0`, `to ::/0`, `fwmark X/0xffffffff` and mark_mask 0xffffffff: the kernel
+    dumps these rules in short form; the restarted daemon must keep, not replace, them."""
+    from ipshift.net.netlink import Rule
+    from ipshift.routes.kernel import from_rule, to_rule
+
+    text = ('ip = """\n'
+            "ip rule add prio 100 from 0.0.0.0/0 table 100\n"
+            "ip -6 rule add prio 102 to ::/0 table 100\n"
+            "ip rule add prio 101 fwmark 0x1/0xffffffff table 100\n"
+            "ip route add default via 192.0.2.1 dev eth0 table 100\n"
+            '"""\n[daemon]\nmark_mask = 0xffffffff\n')
+    cfg, planner = planner_with(text, {"eth0": "192.0.2.2/24"}, toml=True)
+    wanted = planner.desired_rules()
+    # what a dump of these rules reports (FRA_SRC/FRA_DST absent for /0, FRA_FWMASK
+    # 0xffffffff), and the round trip through to_rule
+    planner.rules = {from_rule(Rule(priority=100, table=100, proto=73)),
+                     from_rule(Rule(priority=102, table=100, family=10, proto=73)),
+                     from_rule(Rule(priority=101, table=100, fwmark=1, fwmask=0xFFFFFFFF,
+                                    proto=73)),
+                     from_rule(Rule(priority=5, table=cfg.uplinks[0].table, fwmark=1,
+                                    fwmask=0xFFFFFFFF, proto=73))}
+    assert planner.rules == wanted
+    assert {from_rule(to_rule(r, 73)) for r in wanted} == wanted
+    planner.reconcile(0.0)
+    assert not [a for a in planner.actions() if isinstance(a, AddRule | RemoveRule)]
+
+
+def test_a_foreign_route_reported_twice_is_one_route():
+    """The same foreign route reported twice (the event and the dump after subscribing, or its
+    owner's replace) and deleted once: the key is free again and the configured route goes in."""
+    _cfg, planner = planner_with("ip route add 203.0.113.0/24 via 192.0.2.1 dev eth0",
+                                 {"eth0": "192.0.2.2/24"})
+    foreign = KRoute(4, 254, ipaddress.ip_network("203.0.113.0/24"),
+                     (KNexthop("eth0", ip("192.0.2.9")),))
+    planner.kernel_route(foreign, owned=False, present=True)
+    planner.kernel_route(foreign, owned=False, present=True)
+    planner.reconcile(0.0)
+    assert not [a for a in planner.actions() if isinstance(a, InstallRoute)
+                and a.route.table == 254]
+    planner.kernel_route(foreign, owned=False, present=False)
+    planner.reconcile(1.0)
+    (act,) = [a for a in planner.actions() if isinstance(a, InstallRoute)]
+    assert act.route.nexthops[0].gateway == ip("192.0.2.1")
+    assert not [r for r in planner.route_rows() if r["state"] == "conflict"]
+
+
+def test_link_local_address_is_never_an_uplinks_source():
+    text = ('[[uplink]]\ninterface = "wan0"\ngateway = "fe80::1"\n'
+            'targets = ["2001:db8:ffff::1"]\n[[route]]\nfamily = 6\nuplink = "wan0"\n')
+    cfg, planner = planner_with(text, {"wan0": "fe80::2/64 2001:db8:1::2/64"}, toml=True)
+    up = cfg.uplink("wan0")
+    assert planner.sources_of(up) == (ip("2001:db8:1::2"),)
+    planner.reconcile(0.0)
+    own = [a.route for a in planner.actions()
+           if isinstance(a, InstallRoute) and a.route.table == up.table]
+    assert [r.src for r in own] == [ip("2001:db8:1::2")]
+    # only a link-local address: no source, so no own-table route (it waits for one)
+    planner.set_addresses("wan0", [ipaddress.ip_interface("fe80::2/64")])
+    assert planner.sources_of(up) == ()
+
+
+def test_a_failed_replace_keeps_the_old_route_owned():
+    _cfg, engine, kernel = build()
+    old = kernel.route(200)
+    engine.planner.set_uplink("wan0", "down")
+    engine._step(1.0)
+    acts = engine.actions()
+    (act,) = [a for a in acts if isinstance(a, InstallRoute) and a.route.table == 200]
+    assert act.replace and act.route.nexthops[0].dev == "wan1"
+    engine.applied(act, "Network is unreachable", 1.0)  # the kernel kept the old route
+    assert engine.planner.installed[old.key] == old
+    engine.handle_timer(2.5)
+    (retry,) = [a for a in engine.actions() if isinstance(a, InstallRoute)
+                and a.route.table == 200]
+    assert retry.replace  # a replace again, not an add that would meet EEXIST
+    engine.applied(retry, "Network is unreachable", 2.5)
+    engine.stop()  # a stop in that window removes the old route
+    assert RemoveRoute(old) in engine.actions()

@@ -14,7 +14,7 @@ problem, one line each.
 
 from __future__ import annotations
 
-import ipaddress
+import math
 import os
 import socket
 import tomllib
@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ipshift.routes.iproute import IprouteError, Parser, Problem
+from ipshift.routes.iproute import IprouteError, Parser, Problem, parse_number
 from ipshift.routes.model import (
     PROFILE_FIELDS,
     PROFILES,
@@ -117,8 +117,12 @@ class _Loader:
         for i, up in enumerate(_tables(doc.get("uplink", []), "uplink", self), 1):
             self.uplink_from(up, f"{self.where}: [[uplink]] {i}")
         incs = doc.get("include", [])
-        for inc in [incs] if isinstance(incs, str) else incs:
-            p = Path(str(inc))
+        incs = [incs] if isinstance(incs, str) else incs
+        if not isinstance(incs, list) or not all(isinstance(i, str) for i in incs):
+            self.error(self.where, "`include` must be a file name or a list of file names")
+            incs = []
+        for inc in incs:
+            p = Path(inc)
             if not p.is_absolute():
                 p = self.path.parent / p
             try:
@@ -163,9 +167,13 @@ class _Loader:
             if "hooks" in d:
                 hooks = d["hooks"]
                 hooks = [hooks] if isinstance(hooks, str) else hooks
+                if not isinstance(hooks, list):
+                    raise IprouteError("`hooks` must be a program or a list of programs")
                 s = replace(s, hooks=tuple(_str(h, "hooks") for h in hooks))
             if "hook_timeout" in d:
                 s = replace(s, hook_timeout=_float(d["hook_timeout"], "hook_timeout"))
+                if s.hook_timeout <= 0:
+                    raise IprouteError("`hook_timeout` must be positive")
             if "metrics" in d:
                 s = replace(s, metrics=_str(d["metrics"], "metrics") or None)
             if "profile" in d:
@@ -243,7 +251,10 @@ class _Loader:
             words += ["proto", "static"]
         try:
             words += self._hop_words(d, where)
-            for hop in d.get("nexthops", []):
+            hops = d.get("nexthops", [])
+            if not isinstance(hops, list):
+                raise IprouteError("`nexthops` must be a list of tables")
+            for hop in hops:
                 if not isinstance(hop, dict):
                     raise IprouteError("`nexthops` must be a list of tables")
                 for key in hop:
@@ -378,11 +389,21 @@ class _Loader:
             self.error(where, f"failback must be `stay` or `move`, not {s.failback!r}")
         if not 5 <= s.protocol <= 255:
             self.error(where, f"protocol {s.protocol} must be 5..255 (0-4 belong to the kernel)")
-        if not s.mark_mask or s.mark_mask >= 2**32:
-            self.error(where, "mark_mask must be a non-zero 32-bit mask")
-        elif (len(cfg.uplinks) << s.mark_shift) & ~s.mark_mask:
-            self.error(where, f"mark_mask {s.mark_mask:#x} has too few bits for "
-                              f"{len(cfg.uplinks)} uplinks")
+        mask = s.mark_mask
+        if not 0 < mask <= 0xFFFFFFFF:
+            self.error(where, f"mark_mask {mask:#x} must be a non-zero 32-bit mask "
+                              "(1..0xffffffff)")
+        else:
+            # uplink i gets mark (i + 1) << (the mask's lowest bit): each must lie inside the
+            # mask, or it is 0 or another uplink's mark under the mask (and sets foreign bits)
+            marks: dict[int, str] = {}
+            for up in cfg.uplinks:
+                if up.mark & ~mask or not up.mark & mask or up.mark & mask in marks:
+                    self.error(where, f"mark_mask {mask:#x} has too few bits for "
+                                      f"{len(cfg.uplinks)} uplinks: uplink {up.name}'s mark "
+                                      f"{up.mark:#x} is not inside it (use contiguous bits)")
+                    break
+                marks[up.mark & mask] = up.name
         if not 1 <= s.rule_priority <= 32765:
             self.error(where, f"rule_priority {s.rule_priority} must be 1..32765")
         for rule in cfg.rules:
@@ -396,7 +417,8 @@ class _Loader:
                 self.error(where, f"hook {hook} is not executable (chmod +x {hook})")
         if s.metrics:
             host, _, port = s.metrics.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            ok = port.isascii() and port.isdigit() and 0 < int(port) < 65536
+            if not host or not ok:
                 self.error(where, f"metrics {s.metrics!r} must be ADDRESS:PORT, "
                                   "e.g. 127.0.0.1:9465")
         own_tables = {u.table: u for u in cfg.uplinks}
@@ -405,6 +427,9 @@ class _Loader:
             if up.table in (253, 254, 255, 0):
                 self.error(up.origin, f"uplink {up.name}: table {table_name(up.table)} is "
                                       "not usable as an uplink's own table")
+            elif not 0 < up.table < 2**32:
+                self.error(up.origin, f"uplink {up.name}: table {up.table} is out of range "
+                                      "1..4294967295")
             if up.table in config_tables and up.table >= s.table_base:
                 self.error(up.origin, f"uplink {up.name}: its table {up.table} is also used by "
                                       "configured routes; change table_base")
@@ -437,8 +462,11 @@ class _Loader:
         for route in cfg.routes:
             other = first_of.setdefault(route.group_key()[:5], route)
             if other.scope != route.scope:
-                self.warn(route.origin, f"same destination and metric as {other.origin} but "
-                                        "another scope: not alternatives, both are installed")
+                # the kernel knows a route by table, destination, metric and tos: the daemon
+                # owns one route per such key, so these could not both be installed
+                self.error(route.origin, f"same table, destination and metric as "
+                                         f"{other.origin} but another scope: give both the "
+                                         "same scope (alternatives) or different metrics")
         tables_with_routes = {r.table for r in cfg.routes} | {253, 254, 255}
         for rule in cfg.rules:
             if rule.action == "lookup" and rule.table not in tables_with_routes:
@@ -490,10 +518,10 @@ def _str(value: Any, key: str) -> str:
 
 def _int(value: Any, key: str) -> int:
     if isinstance(value, str):
-        try:
-            return int(value, 0)
-        except ValueError as exc:
-            raise IprouteError(f"`{key}` must be an integer") from exc
+        number = parse_number(value)
+        if number is None:
+            raise IprouteError(f"`{key}` must be an integer")
+        return number
     if not isinstance(value, int) or isinstance(value, bool):
         raise IprouteError(f"`{key}` must be an integer")
     return value
@@ -502,6 +530,8 @@ def _int(value: Any, key: str) -> int:
 def _float(value: Any, key: str) -> float:
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise IprouteError(f"`{key}` must be a number")
+    if not math.isfinite(value):
+        raise IprouteError(f"`{key}` must be a finite number, not {value}")
     return float(value)
 
 
@@ -512,10 +542,9 @@ def _bool(value: Any, key: str) -> bool:
 
 
 def _addr(value: Any, key: str) -> IPAddress:
-    try:
-        return ipaddress.ip_address(str(value))
-    except ValueError as exc:
-        raise IprouteError(f"{key} {value!r} is not an IP address") from exc
+    if not isinstance(value, str):
+        raise IprouteError(f"{key} {value!r} must be a string holding an IP address")
+    return Parser.address(value, None, key)
 
 
 def _override(profile: Profile, overrides: dict[str, Any]) -> Profile:

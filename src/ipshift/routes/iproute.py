@@ -17,6 +17,7 @@ nftables/iptables, which the daemon does not manage.
 from __future__ import annotations
 
 import ipaddress
+import re
 import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -55,6 +56,20 @@ class IprouteError(ValueError):
     """One malformed command; the message is the one-line explanation."""
 
 
+# iproute2 reads numbers with strtoul(..., 0): ASCII decimal, 0x hex or 0 octal. No signs, no
+# underscores, no other scripts' digits ("²".isdigit() and int("٣") are both true in Python).
+_NUMBER = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*")
+
+
+def parse_number(word: str) -> int | None:
+    """The value of an iproute2 unsigned number, None when `word` is not one."""
+    if _NUMBER.fullmatch(word) is None:
+        return None
+    if word[:2] in ("0x", "0X"):
+        return int(word, 16)
+    return int(word, 8) if word.startswith("0") else int(word, 10)
+
+
 def system_table_names() -> dict[str, int]:
     """Table names from iproute2's rt_tables files (plus main/default/local)."""
     names = dict(TABLE_NAMES)
@@ -71,8 +86,9 @@ def system_table_names() -> dict[str, int]:
             continue
         for line in text.splitlines():
             parts = line.split("#", 1)[0].split()
-            if len(parts) >= 2 and parts[0].isdigit():
-                names.setdefault(parts[1], int(parts[0]))
+            value = parse_number(parts[0]) if len(parts) >= 2 else None
+            if value is not None:
+                names.setdefault(parts[1], value)
     return names
 
 
@@ -171,8 +187,8 @@ class Parser:
 
     # ---- helpers ---------------------------------------------------------------------------
     def table(self, word: str) -> int:
-        if word.isdigit():
-            value = int(word)
+        value = parse_number(word)
+        if value is not None:
             if not 0 < value < 2**32:
                 raise IprouteError(f"table {word} is out of range 1..4294967295")
             return value
@@ -182,16 +198,18 @@ class Parser:
 
     @staticmethod
     def number(word: str, what: str, maximum: int = 2**32 - 1) -> int:
-        try:
-            value = int(word, 0)
-        except ValueError as exc:
-            raise IprouteError(f"{what} {word!r} is not a number") from exc
+        value = parse_number(word)
+        if value is None:
+            raise IprouteError(f"{what} {word!r} is not a number")
         if not 0 <= value <= maximum:
             raise IprouteError(f"{what} {word} is out of range 0..{maximum}")
         return value
 
     @staticmethod
     def address(word: str, family: int | None, what: str = "address") -> IPAddress:
+        if "%" in word:
+            raise IprouteError(f"{what} {word!r}: a zone id (%DEV) is not accepted; give the "
+                               "device with `dev`")
         try:
             addr = ipaddress.ip_address(word)
         except ValueError as exc:
@@ -205,6 +223,8 @@ class Parser:
         fam = family or 4
         if word in ("default", "all", "any"):
             return ipaddress.ip_network("::/0" if fam == 6 else "0.0.0.0/0")
+        if "%" in word:
+            raise IprouteError(f"prefix {word!r}: a zone id (%DEV) is not accepted")
         try:
             net = ipaddress.ip_network(word, strict=True)
         except ValueError as exc:
@@ -261,9 +281,13 @@ class Parser:
             elif word == "fwmark":
                 value = need(word)
                 mark, _, mask = value.partition("/")
-                fields["fwmark"] = self.number(mark, "fwmark")
+                fwmark = self.number(mark, "fwmark")
                 if mask:
+                    fields["fwmark"] = fwmark
                     fields["fwmask"] = self.number(mask, "fwmark mask")
+                elif fwmark:
+                    fields["fwmark"] = fwmark
+                # `fwmark 0` alone: the kernel gives mark 0 mask 0, a rule that ignores marks
             elif word in ("tos", "dsfield"):
                 raise IprouteError("`tos` in rules is not supported")
             elif word in ("unreachable", "blackhole", "prohibit"):
@@ -363,6 +387,8 @@ class Parser:
             if word in ROUTE_TYPES and dst is None:
                 rtype = word
             elif word == "to":
+                if dst is not None:
+                    raise IprouteError("the destination is given twice")
                 dst = self.prefix(need(word), fam)
                 fam = fam if dst.prefixlen == 0 else fam or dst.version
             elif word == "nexthop":

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from ipshift.net.conntrack import Conntrack, ConntrackEntry
 from ipshift.net.netlink import Link, Netlink, NextHop, Route, Rule
 from ipshift.net.rtbatch import RouteBatch
-from ipshift.routes.model import IPAddress, RoutesConfig
+from ipshift.routes.model import V6_DEFAULT_METRIC, IPAddress, RoutesConfig
 from ipshift.routes.plan import (
     FlushConntrack,
     InstallRoute,
@@ -33,8 +33,6 @@ from ipshift.routes.plan import (
     KRule,
     RemoveRoute,
 )
-
-V6_DEFAULT_METRIC = 1024
 
 
 def _af(family: int) -> int:
@@ -82,20 +80,20 @@ def _ip(value: str | None) -> IPAddress | None:
 def to_rule(k: KRule, proto: int) -> Rule:
     return Rule(priority=k.priority, table=k.table if k.action == "lookup" else 0,
                 family=_af(k.family), src=str(k.src) if k.src else None,
-                dst=str(k.dst) if k.dst else None, fwmark=k.fwmark, fwmask=k.fwmask,
+                dst=str(k.dst) if k.dst else None, fwmark=k.fwmark,
+                # no mask: the full mask, which the kernel implies only for a non-zero mark
+                fwmask=k.fwmask if k.fwmark is None or k.fwmask is not None else 0xFFFFFFFF,
                 iif=k.iif, oif=k.oif, action=k.action, proto=proto)
 
 
 def from_rule(r: Rule) -> KRule:
-    fwmask = r.fwmask
-    if r.fwmark is not None and fwmask == 0xFFFFFFFF:
-        fwmask = None
-    if r.fwmark is None:
-        fwmask = None
+    # The kernel omits FRA_FWMARK for mark 0: `fwmark 0/0xffffffff` comes back as a mask alone.
+    # KRule itself drops the default mask 0xffffffff and a mask without a mark.
+    fwmark = r.fwmark if r.fwmark is not None or not r.fwmask else 0
     return KRule(6 if r.family == socket.AF_INET6 else 4, r.priority,
                  r.table if r.action == "lookup" else 0, r.action,
                  ipaddress.ip_network(r.src) if r.src else None,
-                 ipaddress.ip_network(r.dst) if r.dst else None, r.iif, r.oif, r.fwmark, fwmask)
+                 ipaddress.ip_network(r.dst) if r.dst else None, r.iif, r.oif, fwmark, r.fwmask)
 
 
 def interfaces_of(addrs: Iterable[tuple[str, int]]) -> set[IPInterface]:

@@ -18,6 +18,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # RTPROT_STATIC are not interpreted by the kernel). 73 is unused by iproute2's rt_protos list.
 DEFAULT_PROTOCOL = 73
 
+# The kernel stores an IPv6 route's metric 0 as 1024 (IP6_RT_PRIO_USER).
+V6_DEFAULT_METRIC = 1024
+
 # Well-known table names of iproute2.
 TABLE_NAMES = {"main": 254, "default": 253, "local": 255, "unspec": 0}
 RT_SCOPE_UNIVERSE = 0
@@ -129,6 +132,28 @@ class RouteSpec:
     static: bool = False  # `proto static`: keep across device state changes (all owned routes are)
     origin: str = ""
 
+    def __post_init__(self) -> None:
+        # The kernel's form, so that what is configured equals what a dump reports: IPv6 has no
+        # route scopes and stores metric 0 as 1024; an explicit scope equal to the one the
+        # route gets anyway is no scope.
+        if self.family == 6:
+            object.__setattr__(self, "scope", None)
+            if self.metric == V6_DEFAULT_METRIC:
+                object.__setattr__(self, "metric", 0)
+        elif self.scope is not None and self.scope == self.default_scope():
+            object.__setattr__(self, "scope", None)
+
+    def default_scope(self) -> int:
+        """The scope of the route when none is given: link for an IPv4 route whose nexthops all
+        lack a gateway, universe otherwise (IPv6 routes have no scope)."""
+        if self.family == 4 and self.type == "unicast" and self.nexthops \
+                and all(nh.gateway is None for nh in self.nexthops):
+            return RT_SCOPE_LINK
+        return RT_SCOPE_UNIVERSE
+
+    def kernel_scope(self) -> int:
+        return self.default_scope() if self.scope is None else self.scope
+
     def group_key(self) -> tuple[int, int, IPNetwork, int, int, int | None]:
         return (self.family, self.table, self.dst, self.metric, self.tos, self.scope)
 
@@ -157,6 +182,17 @@ class RuleSpec:
     tos: int = 0
     invert: bool = False
     origin: str = field(default="", compare=False)  # where it was written; not identity
+
+    def __post_init__(self) -> None:
+        # The kernel's form (what a dump reports), so that a configured rule equals the rule
+        # read back: no FRA_SRC/FRA_DST for a /0 prefix; a mark's mask 0xffffffff is the
+        # default (None); no mask without a mark.
+        if self.src is not None and self.src.prefixlen == 0:
+            object.__setattr__(self, "src", None)
+        if self.dst is not None and self.dst.prefixlen == 0:
+            object.__setattr__(self, "dst", None)
+        if self.fwmark is None or self.fwmask == 0xFFFFFFFF:
+            object.__setattr__(self, "fwmask", None)
 
     def describe(self) -> str:
         parts = [f"prio {self.priority}"]

@@ -96,6 +96,7 @@ KRule = RuleSpec
 class InstallRoute:
     route: KRoute
     replace: bool  # an owned route with this key is there already
+    previous: KRoute | None = field(default=None, compare=False)  # that route (when replace)
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ class Planner:
     links: dict[str, _Link] = field(default_factory=dict)
     addresses: dict[str, set[IPInterface]] = field(default_factory=dict)
     installed: dict[RouteKey, KRoute] = field(default_factory=dict)
-    foreign: dict[RouteKey, int] = field(default_factory=dict)
+    foreign: dict[RouteKey, set[KRoute]] = field(default_factory=dict)  # other owners' routes
     rules: set[KRule] = field(default_factory=set)
     retry_at: dict[object, float] = field(default_factory=dict)
     errors: dict[object, str] = field(default_factory=dict)
@@ -224,10 +225,12 @@ class Planner:
             elif self.installed.get(key) == route:
                 del self.installed[key]
         elif present:
-            self.foreign[key] = self.foreign.get(key, 0) + 1
+            # by identity: the same route reported twice (an event and the dump that follows the
+            # subscription, or its owner's replace) is still one route
+            self.foreign.setdefault(key, set()).add(route)
         elif key in self.foreign:
-            self.foreign[key] -= 1
-            if self.foreign[key] <= 0:
+            self.foreign[key].discard(route)
+            if not self.foreign[key]:
                 del self.foreign[key]
 
     def kernel_rule(self, rule: KRule, *, present: bool) -> None:
@@ -245,7 +248,12 @@ class Planner:
         if isinstance(action, InstallRoute):
             key: object = action.route.key
             if self.installed.get(action.route.key) == action.route:
-                del self.installed[action.route.key]
+                if action.replace and action.previous is not None:
+                    # a failed replace leaves the old route in place: still ours to replace
+                    # (not add) on retry, and to remove on stop
+                    self.installed[action.route.key] = action.previous
+                else:
+                    del self.installed[action.route.key]
         elif isinstance(action, RemoveRoute):
             key = action.route.key
             if "No such process" in error or "ESRCH" in error:
@@ -301,24 +309,23 @@ class Planner:
         the gateway's subnet, else its global addresses of the family."""
         if up.source is not None:
             return (up.source,)
-        addrs = [a for a in self.addresses.get(up.interface, ()) if a.version == up.family]
+        # never a link-local address (an IPv6 gateway is usually fe80::1, on the device's
+        # fe80::/64): it cannot be a NAT or source address beyond the link
+        addrs = [a for a in self.addresses.get(up.interface, ())
+                 if a.version == up.family and not a.ip.is_link_local]
         if up.gateway is not None:
             on_net = [a.ip for a in addrs if up.gateway in a.network]
             if on_net:
                 return tuple(sorted(on_net))
-        return tuple(sorted(a.ip for a in addrs if not a.ip.is_link_local))
+        return tuple(sorted(a.ip for a in addrs))
 
     def _kroute(self, spec: RouteSpec, hops: list[Nexthop]) -> KRoute:
         khops = tuple(KNexthop(nh.dev or "", nh.gateway, nh.weight if len(hops) > 1 else 1,
                                nh.onlink) for nh in hops)
-        scope = spec.scope
-        if scope is None:
-            scope = RT_SCOPE_UNIVERSE
-            if spec.type == "unicast" and hops and all(nh.gateway is None for nh in hops) \
-                    and spec.family == 4:
-                scope = RT_SCOPE_LINK  # IPv6 routes have no scope
+        # the scope of the route as configured (with all its nexthops), whichever are chosen:
+        # what the parser normalised against, and stable while nexthops come and go
         return KRoute(spec.family, spec.table, spec.dst, khops, spec.metric, spec.tos, spec.type,
-                      scope, spec.src)
+                      spec.kernel_scope(), spec.src)
 
     def choose(self, group: list[RouteSpec]) -> tuple[KRoute | None, _Selection]:
         fallback: tuple[KRoute, _Selection] | None = None
@@ -409,7 +416,8 @@ class Planner:
                 continue
             if self.retry_at.get(key, 0.0) > now:
                 continue
-            self._actions.append(InstallRoute(route, replace=current is not None))
+            self._actions.append(InstallRoute(route, replace=current is not None,
+                                              previous=current))
             self.installed[key] = route
         self._reconcile_rules(now)
 
