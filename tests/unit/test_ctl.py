@@ -139,3 +139,92 @@ def test_render_table_and_json():
     assert "NAME  RTT   UP" in text and "wan1  -     False" in text
     assert json.loads(render(doc, as_json=True)) == doc
     assert table([]) == "(none)"
+
+
+def test_a_live_server_with_a_full_backlog_is_not_taken_over(sock_dir):
+    path = sock_dir / "live.sock"
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(path))
+    live.listen(1)  # a daemon whose loop is busy for a moment: its backlog fills up
+    waiting = []
+    try:
+        for _ in range(8):
+            client = socket.socket(socket.AF_UNIX)
+            client.setblocking(False)
+            waiting.append(client)
+            try:
+                client.connect(str(path))
+            except BlockingIOError:
+                break
+        with pytest.raises(CtlError) as info:
+            prepare_socket_path(path)
+        assert info.value.code == "busy" and path.exists()
+    finally:
+        for client in waiting:
+            client.close()
+        live.close()
+
+
+def test_what_is_not_a_socket_is_never_removed(sock_dir):
+    notes = sock_dir / "notes.sock"
+    notes.write_text("important")
+    with pytest.raises(CtlError, match="not a socket"):
+        prepare_socket_path(notes)
+    assert notes.read_text() == "important"
+    (sock_dir / "dir.sock").mkdir()
+    with pytest.raises(CtlError, match="not a socket"):
+        prepare_socket_path(sock_dir / "dir.sock")
+
+
+def test_close_leaves_a_socket_that_is_no_longer_ours(sock_dir):
+    path = sock_dir / "d.sock"
+
+    async def main():
+        server = CtlServer(path)
+        await server.start()
+        path.unlink()  # an operator removed it, and another instance took the name
+        other = socket.socket(socket.AF_UNIX)
+        other.bind(str(path))
+        try:
+            await server.close()
+            return path.exists()
+        finally:
+            other.close()
+
+    assert asyncio.run(main())
+
+
+@pytest.mark.parametrize("line", [b"[" * 100_000, b'{"id": ' + b"9" * 5000 + b"}"])
+def test_pathological_json_is_a_bad_request(line):
+    with pytest.raises(CtlError) as info:
+        decode_message(line)
+    assert info.value.code == "bad-request"
+
+
+def test_an_error_about_params_names_the_request(sock_dir):
+    server = CtlServer(sock_dir / "x.sock")
+    answer = asyncio.run(server.dispatch(b'{"id": 7, "method": "ping", "params": 3}'))
+    assert answer["id"] == 7 and answer["error"]["code"] == "bad-request"
+
+
+@pytest.mark.parametrize("reply", [
+    b'{"id": 1, "error": "x"}\n',  # error not an object
+    b'{"id": 99, "result": 1}\n',  # someone else's answer
+    b'{"id": 1, "result": ' + b"9" * 5000 + b"}\n",  # an integer Python refuses to read
+    None,  # no answer at all: a hung daemon
+])
+def test_the_client_turns_every_bad_answer_into_a_ctl_error(sock_dir, reply):
+    path = sock_dir / "fake.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(1)
+    try:
+        with CtlClient(path, timeout=0.3) as client:
+            peer, _ = server.accept()
+            with peer:
+                if reply is not None:
+                    peer.sendall(reply)
+                with pytest.raises(CtlError):
+                    client.call("status")
+    finally:
+        server.close()

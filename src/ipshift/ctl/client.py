@@ -27,19 +27,36 @@ class CtlClient:
         self._buf = b""
 
     def call(self, method: str, **params: Any) -> Any:
+        """The result of `method`; raises CtlError for an error answer and for anything that
+        goes wrong on the way (timeout, closed connection, malformed answer)."""
         req_id = next(self._ids)
-        self._sock.sendall(encode_message({"id": req_id, "method": method, "params": params}))
-        while b"\n" not in self._buf:
-            chunk = self._sock.recv(65536)
-            if not chunk:
-                raise CtlError("closed", f"the daemon on {self.path} closed the connection")
-            self._buf += chunk
-            if len(self._buf) > MAX_LINE:
-                raise CtlError("bad-answer", "answer too long")
+        try:
+            self._sock.sendall(encode_message({"id": req_id, "method": method,
+                                               "params": params}))
+            while b"\n" not in self._buf:
+                chunk = self._sock.recv(65536)
+                if not chunk:
+                    raise CtlError("closed", f"the daemon on {self.path} closed the connection")
+                self._buf += chunk
+                if len(self._buf) > MAX_LINE:
+                    raise CtlError("bad-answer", "answer too long")
+        except TimeoutError as exc:
+            raise CtlError("timeout", f"the daemon on {self.path} did not answer within "
+                                      f"{self._sock.gettimeout()} s") from exc
+        except OSError as exc:
+            raise CtlError("closed", f"talking to {self.path}: {exc.strerror or exc}") from exc
         line, self._buf = self._buf.split(b"\n", 1)
-        answer = decode_message(line)
+        try:
+            answer = decode_message(line)
+        except CtlError as exc:
+            raise CtlError("bad-answer", exc.message) from exc
+        if answer.get("id") not in (req_id, None):
+            raise CtlError("bad-answer", f"answer to request {answer.get('id')!r}, "
+                                         f"not {req_id}")
         if "error" in answer:
-            err = answer["error"] or {}
+            err = answer["error"]
+            if not isinstance(err, dict):
+                err = {"message": str(err)}
             raise CtlError(str(err.get("code", "failed")), str(err.get("message", "")))
         return answer.get("result")
 

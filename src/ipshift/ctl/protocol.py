@@ -43,14 +43,18 @@ def decode_message(line: bytes) -> dict[str, Any]:
         raise CtlError("bad-request", f"message longer than {MAX_LINE} bytes")
     try:
         obj = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CtlError("bad-request", f"not a JSON line: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        # UnicodeDecodeError and JSONDecodeError are ValueErrors, and so is an integer of
+        # thousands of digits; deep nesting exhausts the recursion limit.
+        raise CtlError("bad-request", f"not a JSON line: {str(exc)[:200]}") from exc
     if not isinstance(obj, dict):
         raise CtlError("bad-request", "a control message must be a JSON object")
     return obj
 
 
 def parse_request(obj: dict[str, Any]) -> tuple[Any, str, dict[str, Any]]:
+    """(id, method, params) of a request; raises CtlError("bad-request"). The caller answers
+    an error with obj.get("id"), so that a client can match it."""
     method = obj.get("method")
     params = obj.get("params", {})
     if not isinstance(method, str) or not method:

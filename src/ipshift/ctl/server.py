@@ -40,17 +40,29 @@ def prepare_socket_path(path: Path) -> None:
             "unsafe",
             f"{path.parent} is writable by other users; make it 0700 (chmod go-w {path.parent})",
         )
-    if path.exists() or path.is_symlink():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(0.5)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # stale: nobody listens
-        else:
-            raise CtlError("busy", f"another instance is already running on {path}")
-        finally:
-            probe.close()
+    if st.st_uid != os.geteuid():
+        raise CtlError("unsafe", f"{path.parent} belongs to another user (uid {st.st_uid})")
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise CtlError("exists", f"{path} exists and is not a socket; remove it or choose "
+                                 "another socket path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        path.unlink(missing_ok=True)  # stale: nobody listens
+    except OSError as exc:
+        # A full backlog (EAGAIN), a timeout: someone may be there. Never take it over.
+        raise CtlError("busy", f"{path} did not answer as a stale socket would "
+                               f"({exc.strerror or exc}); is another instance running?") from exc
+    else:
+        raise CtlError("busy", f"another instance is already running on {path}")
+    finally:
+        probe.close()
 
 
 class CtlServer:
@@ -62,6 +74,7 @@ class CtlServer:
         self.methods: dict[str, Handler] = {"ping": lambda params: {"pong": True}}
         self.errors = 0  # malformed requests seen (counted, logged, never fatal)
         self._server: asyncio.AbstractServer | None = None
+        self._identity: tuple[int, int] | None = None  # (device, inode) of our socket file
 
     def method(self, name: str, handler: Handler) -> None:
         self.methods[name] = handler
@@ -76,6 +89,8 @@ class CtlServer:
         finally:
             os.umask(old_umask)
         os.chmod(self.path, 0o600)
+        st = self.path.lstat()
+        self._identity = (st.st_dev, st.st_ino)
         log.debug("control socket %s", self.path)
 
     async def close(self) -> None:
@@ -84,12 +99,19 @@ class CtlServer:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
             self._server = None
-        self.path.unlink(missing_ok=True)
+        # Only our own socket file: another instance may have replaced a removed one.
+        with contextlib.suppress(FileNotFoundError):
+            st = self.path.lstat()
+            if self._identity == (st.st_dev, st.st_ino):
+                self.path.unlink()
+        self._identity = None
 
     async def dispatch(self, line: bytes) -> dict[str, Any]:
         req_id: Any = None
         try:
-            req_id, method, params = parse_request(decode_message(line))
+            request = decode_message(line)
+            req_id = request.get("id")  # so that an error about the rest still names it
+            _, method, params = parse_request(request)
             handler = self.methods.get(method)
             if handler is None:
                 raise CtlError(
