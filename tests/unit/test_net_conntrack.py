@@ -1,12 +1,15 @@
 """Conntrack filters (pure): validation, matching, and the refusal to flush everything."""
 
+import itertools
 import socket
 import struct
+import threading
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ipshift.net import nlmsg
 from ipshift.net.conntrack import (
     CTA_FILTER,
     CTA_ID,
@@ -26,6 +29,7 @@ from ipshift.net.conntrack import (
     NLM_F_ACK,
     NLM_F_DUMP,
     NLM_F_REQUEST,
+    Conntrack,
     ConntrackEntry,
     ConntrackFilter,
     FlowTuple,
@@ -37,7 +41,7 @@ from ipshift.net.conntrack import (
     parse_messages,
     parse_tuple,
 )
-from ipshift.net.errors import ParseError
+from ipshift.net.errors import NetError, ParseError
 
 
 def _entry(reply_dst="198.51.100.254", sport=5000):
@@ -205,3 +209,62 @@ def test_fuzz_mutated_real_messages(data):
     except ParseError:
         return
     assert all(isinstance(e, ConntrackEntry) for e in reply.entries)
+
+
+def test_zone_0_is_the_default_zone_the_kernel_leaves_out():
+    assert _entry().zone is None
+    assert ConntrackFilter(zone=0).matches(_entry())
+    assert not ConntrackFilter(zone=5).matches(_entry())
+
+
+class _LateKernel:
+    """ctnetlink whose answer to the first dump comes late: its tail is still queued when the
+    caller, after a timeout, asks again."""
+
+    def __init__(self) -> None:
+        self.queue: list[bytes | Exception] = []
+        self.requests = 0
+
+    @staticmethod
+    def _entry(seq: int, sport: int) -> bytes:
+        orig = _tuple_attrs(socket.AF_INET, "192.0.2.1", "198.51.100.1", 17, sport, 53)
+        reply = _tuple_attrs(socket.AF_INET, "198.51.100.1", "192.0.2.1", 17, 53, sport)
+        body = struct.pack("!BBH", 2, 0, 0) + _nla(CTA_TUPLE_ORIG, orig, True) + _nla(
+            CTA_TUPLE_REPLY, reply, True)
+        return nlmsg.message(MSG_CT_GET & 0xFF00, 2, seq, body)
+
+    def send(self, data: bytes) -> None:
+        self.requests += 1
+        seq = nlmsg.HEADER.unpack_from(data)[3]
+        done = nlmsg.message(nlmsg.NLMSG_DONE, 2, seq, bytes(4))
+        if self.requests == 1:
+            self.queue += [self._entry(seq, 1000), TimeoutError(),
+                           self._entry(seq, 1001) + done]
+        else:
+            self.queue += [b"".join(self._entry(seq, port) for port in (2000, 2001)) + done]
+
+    def recv(self, size: int) -> bytes:
+        item = self.queue.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+def test_a_late_tail_of_an_earlier_dump_is_not_taken_for_the_answer():
+    ct = Conntrack.__new__(Conntrack)  # the adapter around a fake kernel socket
+    ct.netns = None
+    ct._seq = itertools.count(1)
+    ct._lock = threading.Lock()
+    ct._sock = _LateKernel()  # type: ignore[assignment]
+    with pytest.raises(NetError):
+        ct.entries(orig_dst="198.51.100.1")
+    assert [e.orig.sport for e in ct.entries(orig_dst="198.51.100.1")] == [2000, 2001]
+
+
+def test_ipv6_addresses_are_spelled_like_the_filters():
+    """inet_ntop writes ::1:2 as ::0.1.0.2; a filter for ::1:2 must still match."""
+    orig = _tuple_attrs(socket.AF_INET6, "::1:2", "2001:db8::1", 17, 1000, 53)
+    tup = parse_tuple(orig)
+    assert tup.src == "::1:2"
+    assert ConntrackFilter(orig_src="::1:2").matches(
+        ConntrackEntry(orig=tup, reply=tup))

@@ -88,6 +88,11 @@ def test_bad_direction():
         bpf_program((ETH_P_IP,), "sideways")
 
 
+def test_an_empty_protocol_list_is_not_every_protocol():
+    with pytest.raises(ValueError, match="no protocols"):
+        bpf_program(())
+
+
 def test_snooped_is_a_plain_tuple():
     pkt = Snooped(PACKET_OUTGOING, ETH_P_IP, b"\x45")
     pkttype, proto, data = pkt

@@ -18,6 +18,8 @@ from ipshift.net.sockdiag import (
     SOCK_DESTROY,
     SOCK_DIAG_BY_FAMILY,
     SocketInfo,
+    _norm,
+    _same,
     build_destroy_request,
     build_dump_request,
     pack_sockid,
@@ -142,3 +144,15 @@ def test_fuzz_mutated_valid_stream(data):
     except ParseError:
         return
     assert all(isinstance(s, SocketInfo) for s in batch.sockets)
+
+
+@pytest.mark.parametrize(("want", "have", "same"), [
+    ("::1:2", "::0.1.0.2", True),  # inet_ntop's spelling of the same address
+    ("::ffff:192.0.2.1", "::ffff:192.0.2.1", True),
+    ("192.0.2.1", "::ffff:192.0.2.1", True),  # an IPv4 peer of a dual-stack socket
+    ("::ffff:192.0.2.1", "192.0.2.1", True),
+    ("192.0.2.1", "192.0.2.2", False),
+    ("2001:db8::1", "2001:db8:0:0:0:0:0:1", True),
+])
+def test_addresses_compare_as_addresses(want, have, same):
+    assert _same(_norm(want), have) is same

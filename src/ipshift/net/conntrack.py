@@ -158,7 +158,9 @@ class ConntrackFilter:
             (self.orig_src, o.src), (self.orig_dst, o.dst),
             (self.reply_src, r.src), (self.reply_dst, r.dst),
             (self.orig_sport, o.sport), (self.orig_dport, o.dport),
-            (self.mark, entry.mark), (self.zone, entry.zone),
+            (self.mark, entry.mark),
+            # the kernel leaves CTA_ZONE out for the default zone 0
+            (self.zone, entry.zone if entry.zone is not None else 0),
         )
         return all(want is None or want == have for want, have in checks)
 
@@ -310,10 +312,10 @@ def parse_tuple(data: bytes) -> FlowTuple:
     ip = _attrs(attrs.get(CTA_TUPLE_IP, b""), "tuple ip")
     proto = _attrs(attrs.get(CTA_TUPLE_PROTO, b""), "tuple proto")
     if CTA_IP_V4_SRC in ip and CTA_IP_V4_DST in ip:
-        family, src, dst = socket.AF_INET, ip[CTA_IP_V4_SRC], ip[CTA_IP_V4_DST]
+        src, dst = ip[CTA_IP_V4_SRC], ip[CTA_IP_V4_DST]
         size = 4
     elif CTA_IP_V6_SRC in ip and CTA_IP_V6_DST in ip:
-        family, src, dst = socket.AF_INET6, ip[CTA_IP_V6_SRC], ip[CTA_IP_V6_DST]
+        src, dst = ip[CTA_IP_V6_SRC], ip[CTA_IP_V6_DST]
         size = 16
     else:
         raise ParseError("conntrack tuple without source and destination address")
@@ -325,8 +327,9 @@ def parse_tuple(data: bytes) -> FlowTuple:
     icmp_base = CTA_PROTO_ICMPV6_ID if num == socket.IPPROTO_ICMPV6 else CTA_PROTO_ICMP_ID
     is_icmp = num in (socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6)
     return FlowTuple(
-        src=socket.inet_ntop(family, src),
-        dst=socket.inet_ntop(family, dst),
+        # spelled as ipaddress spells them, like the filters (inet_ntop differs for some IPv6)
+        src=str(ipaddress.ip_address(src)),
+        dst=str(ipaddress.ip_address(dst)),
         proto=num,
         sport=_u(proto.get(CTA_PROTO_SRC_PORT), "!H", "source port"),
         dport=_u(proto.get(CTA_PROTO_DST_PORT), "!H", "destination port"),
@@ -368,6 +371,10 @@ class Reply:
     entries: list[ConntrackEntry] = field(default_factory=list)
     acks: dict[int, int] = field(default_factory=dict)  # seq -> errno (0 = ok)
     done: bool = False
+    # the sequence number of each entry's message, and of the DONE (a reply to an earlier
+    # request, cut short by a timeout, may still be queued: it must not be taken for ours)
+    entry_seqs: list[int] = field(default_factory=list)
+    done_seqs: set[int] = field(default_factory=set)
 
 
 def parse_messages(data: bytes) -> Reply:
@@ -381,8 +388,10 @@ def parse_messages(data: bytes) -> Reply:
             if code:
                 out.acks[msg.seq] = code
             out.done = True
+            out.done_seqs.add(msg.seq)
         elif msg.type & 0xFF00 == NFNL_SUBSYS_CTNETLINK << 8:
             out.entries.append(parse_entry(msg.body))
+            out.entry_seqs.append(msg.seq)
     return out
 
 
@@ -446,11 +455,12 @@ class Conntrack:
             out: list[ConntrackEntry] = []
             while True:
                 reply = self._recv()
-                out.extend(e for e in reply.entries if f.matches(e))
+                out.extend(e for e, s in zip(reply.entries, reply.entry_seqs, strict=True)
+                           if s == seq and f.matches(e))
                 err = reply.acks.get(seq, 0)
                 if err:
                     raise ConntrackError(f"conntrack list: {_strerror(err)}", err)
-                if reply.done:
+                if seq in reply.done_seqs:
                     return out
 
     def _send(self, data: bytes, what: str) -> None:

@@ -90,6 +90,8 @@ def bpf_program(
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
     protos = list(protocols) if protocols is not None else []
+    if protocols is not None and not protos:
+        raise ValueError("no protocols to keep (None keeps every protocol)")
     if len(protos) > 200:
         raise ValueError("too many protocols for one filter")
     prog: list[BpfInsn] = []

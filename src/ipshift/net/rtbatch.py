@@ -29,6 +29,7 @@ from ipshift.net.netlink import (
     _ROUTE_TYPE_IDS,
     RT_SCOPE_NOWHERE,
     RTNH_F_ONLINK,
+    NetlinkError,
     Route,
     _network,
     default_scope,
@@ -127,7 +128,8 @@ class RouteBatch:
               ) -> list[tuple[int, str] | None]:
         """Apply (verb, route) changes in order (see encode_route). Returns one result per
         change: None, or (errno, text) for one the kernel refused or that could not be
-        encoded (a vanished device: ENODEV; a bad route: EINVAL)."""
+        encoded (a vanished device: ENODEV; a bad route: EINVAL). NetlinkError if the kernel
+        cannot be talked to (no answer within 10 s)."""
         results: list[tuple[int, str] | None] = [None] * len(ops)
         for start in range(0, len(ops), self.per_datagram):
             chunk = ops[start:start + self.per_datagram]
@@ -146,13 +148,20 @@ class RouteBatch:
                 by_seq[seq] = i
             if not by_seq:
                 continue
-            self._sock.send(b"".join(data))
-            while by_seq:
-                buf = self._sock.recv(1 << 20)
-                for seq, err in acks(buf):
-                    i = by_seq.pop(seq, -1)
-                    if i >= 0 and err:
-                        results[i] = (err, os.strerror(err))
+            try:
+                self._sock.send(b"".join(data))
+                while by_seq:
+                    buf = self._sock.recv(1 << 20)
+                    for seq, err in acks(buf):
+                        i = by_seq.pop(seq, -1)
+                        if i >= 0 and err:
+                            results[i] = (err, os.strerror(err))
+            except TimeoutError as exc:
+                raise NetlinkError(f"route changes: no answer from the kernel for "
+                                   f"{len(by_seq)} of them", _errno.ETIMEDOUT) from exc
+            except OSError as exc:
+                raise NetlinkError(f"route changes: {exc.strerror or exc}",
+                                   exc.errno or 0) from exc
         return results
 
     def close(self) -> None:
@@ -167,13 +176,17 @@ class RouteBatch:
 
 def _open() -> socket.socket:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-    for opt, force in ((socket.SO_SNDBUF, 32), (socket.SO_RCVBUF, 33)):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, force, 8 << 20)  # SO_SNDBUFFORCE/SO_RCVBUFFORCE
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
-    sock.settimeout(10.0)
-    sock.bind((0, 0))
+    try:
+        for opt, force in ((socket.SO_SNDBUF, 32), (socket.SO_RCVBUF, 33)):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, 8 << 20)  # SO_*BUFFORCE
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
+        sock.settimeout(10.0)
+        sock.bind((0, 0))
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 

@@ -214,20 +214,45 @@ def _protocol(protocol: str | int) -> int:
         raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, not {protocol!r}") from None
 
 
-def _norm(addr: str | None) -> str | None:
+def _norm(addr: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address filter as an address object; an IPv4-mapped IPv6 address becomes the IPv4
+    address it maps (a dual-stack socket reports its IPv4 peers that way)."""
     if addr is None:
         return None
     try:
-        return str(ipaddress.ip_address(addr))
+        return _plain(ipaddress.ip_address(addr))
     except ValueError as exc:
         raise ValueError(f"invalid address filter {addr!r}") from exc
+
+
+def _plain(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _same(want: ipaddress.IPv4Address | ipaddress.IPv6Address | None, have: str) -> bool:
+    """Does a socket's address (as the kernel printed it) equal the filter? Compared as
+    addresses, not strings: inet_ntop and ipaddress spell some IPv6 addresses differently."""
+    if want is None:
+        return True
+    try:
+        return _plain(ipaddress.ip_address(have)) == want
+    except ValueError:
+        return False
 
 
 def _open(timeout: float) -> socket.socket:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                          NETLINK_SOCK_DIAG)
-    sock.settimeout(timeout)
-    sock.bind((0, 0))
+    try:
+        sock.settimeout(timeout)
+        sock.bind((0, 0))
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -288,8 +313,7 @@ class SockDiag:
             out.extend(self._exchange(req, proto, f"sock_diag dump {protocol}"))
         return [
             s for s in out
-            if (want_src is None or s.src == want_src)
-            and (want_dst is None or s.dst == want_dst)
+            if _same(want_src, s.src) and _same(want_dst, s.dst)
             and (sport is None or s.sport == sport)
             and (dport is None or s.dport == dport)
         ]
