@@ -171,6 +171,31 @@ def test_fragments() -> None:
     assert later6.protocol == 6 and not later6.has_transport_header
 
 
+@pytest.mark.parametrize("protocol", [132, 33, 136], ids=["sctp", "dccp", "udplite"])
+def test_port_protocols_need_four_bytes_of_ports(protocol: int) -> None:
+    """SCTP, DCCP and UDP-Lite: fewer than 4 transport bytes is a truncated packet (not a
+    struct.error from `ports`), and ports are never read from link padding after it."""
+    v4 = IP(src="192.0.2.1", dst="198.51.100.2", proto=protocol)
+    v6 = IPv6(src="2001:db8::1", dst="2001:db8::2", nh=protocol)
+    v6_first_fragment = (IPv6(src="2001:db8::1", dst="2001:db8::2")
+                         / IPv6ExtHdrFragment(m=1, nh=protocol))
+    for ip in (v4, IP(src="192.0.2.1", dst="198.51.100.2", proto=protocol, flags="MF"), v6,
+               v6_first_fragment):
+        for size in range(4):
+            data = bytes(ip / (b"\x12\x34\x56"[:size]))
+            for padding in (b"", b"\xab" * 8):  # e.g. Ethernet padding after the packet
+                with pytest.raises(PacketError) as error:
+                    parse_packet(data + padding)
+                assert error.value.reason == "truncated"
+        packet = parse_packet(bytes(ip / b"\x12\x34\x56\x78") + b"\xab" * 8)
+        assert packet.ports == (0x1234, 0x5678)
+        assert packet.flow_key()[3:] == (0x1234, 0x5678)
+    # A later fragment carries no ports, however short.
+    later = parse_packet(bytes(IP(src="192.0.2.1", dst="198.51.100.2", proto=protocol, frag=1)
+                               / b"ab"))
+    assert later.flow_key()[3:] == (0, 0)
+
+
 def test_ipv6_chain_walk_and_final_destination() -> None:
     srh = IPv6ExtHdrSegmentRouting(addresses=["2001:db8::30", "2001:db8::20"], segleft=1)
     data = bytes(IPv6(src="2001:db8::1", dst="2001:db8::20") / IPv6ExtHdrHopByHop() / srh
@@ -254,3 +279,14 @@ def test_pcap_is_read_by_scapy(tmp_path: Path) -> None:
     read = rdpcap(str(path))
     assert [bytes(p) for p in read] == packets
     assert [float(p.time) for p in read] == [1.5, 2.25]
+
+
+def test_pcap_timestamps_round_into_the_next_second() -> None:
+    """Microseconds that round to 1000000 carry into the seconds; a negative timestamp is a
+    ValueError, not struct.error."""
+    data = encode_pcap([b"\x45" + bytes(19)] * 3, timestamps=[0.9999996, 1.9999999, 7.25])
+    records = [struct.unpack_from("<II", data, 24 + i * 36) for i in range(3)]
+    assert records == [(1, 0), (2, 0), (7, 250000)]
+    for bad in (-1.0, -0.0000001, float("nan"), 2.0**32):
+        with pytest.raises(ValueError, match="timestamp"):
+            encode_pcap([b"\x45" + bytes(19)], timestamps=[bad])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_Router_Alert
@@ -81,9 +82,18 @@ REWRITES = (
 def mutated_packets(draw: st.DrawFn) -> bytes:
     data = bytearray(draw(st.sampled_from(corpus())))
     for _ in range(draw(st.integers(1, 4))):
-        action = draw(st.sampled_from(["truncate", "flip", "set", "insert", "delete"]))
+        action = draw(st.sampled_from(["truncate", "flip", "set", "insert", "delete",
+                                       "cut-consistently"]))
         if action == "truncate":
             del data[draw(st.integers(0, len(data))) :]
+        elif action == "cut-consistently":
+            # Shorten the packet and its IP length field with it: a short upper-layer header
+            # in a packet whose lengths add up (only the upper layer's checks can refuse it).
+            del data[draw(st.integers(0, len(data))) :]
+            if len(data) >= 40 and data[0] >> 4 == 6:
+                data[4:6] = (len(data) - 40).to_bytes(2, "big")
+            elif len(data) >= 20 and data[0] >> 4 == 4:
+                data[2:4] = len(data).to_bytes(2, "big")
         elif not data:
             continue
         elif action == "flip":
@@ -103,6 +113,20 @@ def mutated_packets(draw: st.DrawFn) -> bytes:
 ip_like = st.tuples(st.sampled_from([0x45, 0x46, 0x4F, 0x40, 0x60, 0x6F]), st.binary(max_size=120)
                     ).map(lambda t: bytes([t[0]]) + t[1])
 inputs = st.one_of(st.binary(max_size=120), ip_like, mutated_packets())
+
+
+def careful(rewrite: FlowRewrite) -> FlowRewrite:
+    """A copy of `rewrite` with its IPv4 and IPv6 fast paths switched off: every packet takes
+    the careful path (`_apply_general` alone still takes the IPv6 fast path)."""
+    copy = FlowRewrite.__new__(FlowRewrite)
+    for name in FlowRewrite.__slots__:
+        setattr(copy, name, getattr(rewrite, name))
+    copy._fast = (False, *rewrite._fast[1:])
+    copy._fast_v6 = (False, *rewrite._fast_v6[1:])
+    return copy
+
+
+CAREFUL = {id(rewrite): careful(rewrite) for rewrite in REWRITES}
 
 
 def only_packet_errors(call: Callable[[], object]) -> object:
@@ -162,6 +186,33 @@ def test_rewrite_raises_only_packet_error_and_refusals_touch_nothing(
     assert (type(general), getattr(general, "reason", general)) == (
         type(result), getattr(result, "reason", result))
     assert other == buf
+    # ... and with the fast paths really off.
+    other = bytearray(bytes(offset) + data)
+    slow = only_packet_errors(lambda: CAREFUL[id(rewrite)].apply(other, offset, partial))
+    assert (type(slow), getattr(slow, "reason", slow)) == (
+        type(result), getattr(result, "reason", result))
+    assert other == buf
+
+
+@pytest.mark.parametrize("rewrite", REWRITES, ids=repr)
+def test_fast_paths_agree_on_short_upper_layer_headers(rewrite: FlowRewrite) -> None:
+    """Every packet of the corpus cut short at every length with its IP length field fixed up
+    (IPv6 TCP of 18-19 bytes among them): the fast paths give what the careful path gives."""
+    for data in corpus():
+        for cut in range(len(data) + 1):
+            packet = bytearray(data[:cut])
+            if cut >= 40 and packet[0] >> 4 == 6:
+                packet[4:6] = (cut - 40).to_bytes(2, "big")
+            elif cut >= 20 and packet[0] >> 4 == 4:
+                packet[2:4] = cut.to_bytes(2, "big")
+            for partial in (False, True):
+                fast, slow = bytearray(packet), bytearray(packet)
+                result = only_packet_errors(lambda: rewrite.apply(fast, 0, partial))  # noqa: B023
+                expected = only_packet_errors(
+                    lambda: CAREFUL[id(rewrite)].apply(slow, 0, partial))  # noqa: B023
+                assert (type(result), getattr(result, "reason", result), fast) == (
+                    type(expected), getattr(expected, "reason", expected), slow), (
+                    cut, bytes(packet).hex())
 
 
 @settings(FUZZ, max_examples=500)

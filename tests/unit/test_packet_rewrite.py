@@ -338,6 +338,24 @@ def test_malformed_packets_raise_and_stay_untouched() -> None:
         assert buf == broken
 
 
+@pytest.mark.parametrize("size", [16, 17, 18, 19])
+@pytest.mark.parametrize("rewrite", [FlowRewrite.source(OLD6, NEW6), FlowRewrite.destination(
+    PEER6, NEW6), FlowRewrite(src=(OLD6, NEW6), sport=(1, 5))], ids=["src", "dst", "ports"])
+def test_ipv6_short_tcp_header_is_refused_by_every_path(size: int, rewrite: FlowRewrite) -> None:
+    """A TCP segment of 16-19 bytes: the address-only fast path refuses it as the careful path
+    and parse_packet do (TCP needs 20 bytes), whatever the rule."""
+    tcp = bytes(TCP(sport=1, dport=2))[:size]
+    packet = bytes(IPv6(src=OLD6, dst=PEER6, nh=6) / tcp)
+    with pytest.raises(PacketError) as parsed:
+        parse_packet(packet)
+    for partial in (False, True):
+        buf = bytearray(packet)
+        with pytest.raises(PacketError) as error:
+            rewrite.apply(buf, 0, partial)
+        assert error.value.reason == parsed.value.reason == "truncated"
+        assert buf == packet
+
+
 def test_constructor_checks() -> None:
     with pytest.raises(ValueError):
         FlowRewrite(src=(OLD4, NEW6))

@@ -38,12 +38,62 @@ def test_bad_endpoints(text: str) -> None:
         Endpoint.parse(text)
 
 
+@pytest.mark.parametrize("port", ["\u00b2", "\u0668\u0660", "\uff18\uff10", "8\u00b9"])
+def test_ports_are_ascii_digits(port: str) -> None:
+    """"²" passes str.isdigit() and "٨٠" even int(): both must be a ConfigError, not a
+    traceback or port 80."""
+    with pytest.raises(ConfigError, match="port must be"):
+        Endpoint.parse(f"192.0.2.1:{port}", "--local")
+    args = parse("run", "--dev", "tun7", "--local", f"192.0.2.1:{port}", "--remote",
+                 "192.0.2.2:4789")
+    with pytest.raises(UserError, match="--local"):
+        config_from_args(args)
+
+
 def test_mappings() -> None:
     mapping = AddressMapping.parse("203.0.113.1=198.51.100.7")
     assert str(mapping) == "203.0.113.1=198.51.100.7"
     for bad in ("203.0.113.1", "203.0.113.1=2001:db8::1", "x=y", "=203.0.113.1"):
         with pytest.raises(ConfigError):
             AddressMapping.parse(bad)
+
+
+@pytest.mark.parametrize("text", ["203.0.113.1=203.0.113.1", "2001:db8::1 = 2001:db8:0::1"])
+def test_mapping_to_itself_is_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match="same address"):
+        AddressMapping.parse(text, "--rewrite-src")
+
+
+@pytest.mark.parametrize(
+    ("field", "rules"),
+    [
+        ("rewrite_src", ["203.0.113.1=198.51.100.7", "203.0.113.1=198.51.100.8"]),  # same OLD
+        ("rewrite_dst", ["2001:db8::1=2001:db8::7", "2001:db8::1=2001:db8::8"]),
+        ("rewrite_src", ["203.0.113.1=198.51.100.7", "203.0.113.2=198.51.100.7"]),  # same NEW
+    ],
+)
+def test_two_rules_for_one_address_are_refused(field: str, rules: list[str]) -> None:
+    mappings = tuple(AddressMapping.parse(r) for r in rules)
+    with pytest.raises(ConfigError, match="two rules for"):
+        TunnelConfig("tun0", A, B, **{field: mappings})  # type: ignore[arg-type]
+    # one rule per direction for the same address is fine: they act on different fields
+    TunnelConfig("tun0", A, B, rewrite_src=mappings[:1], rewrite_dst=mappings[:1])
+
+
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", "a:b", "tun 0", "tun\t0", " tun0", "tun0\n", "a/b", "tun%d",
+             "a" * 16, "\u00e9" * 8, "tun\u00a00", "tun\x000"],
+)
+def test_bad_interface_names(name: str) -> None:
+    """Linux's rules (1-15 bytes, not "." or "..", no "/", ":" or whitespace) and no "%"
+    (tun%d: the kernel would pick another name)."""
+    with pytest.raises(ConfigError, match="--dev"):
+        TunnelConfig(name, A, B)
+
+
+@pytest.mark.parametrize("name", ["tun0", "a" * 15, "my-tun.1_x", "\u00e9" * 7, "...", ".a"])
+def test_good_interface_names(name: str) -> None:
+    assert TunnelConfig(name, A, B).dev == name
 
 
 def test_config_checks() -> None:
@@ -60,6 +110,33 @@ def test_config_checks() -> None:
         TunnelConfig("tun0", A, B, mtu=100)
     with pytest.raises(ConfigError, match="IPv6 needs 1280"):
         TunnelConfig("tun0", A, B, mtu=1200, addresses=(ipaddress.ip_interface("2001:db8::1/64"),))
+
+
+@pytest.mark.parametrize(
+    ("options", "cause"),
+    [
+        ({"addresses": (ipaddress.ip_interface("2001:db8::1/64"),)}, "--address 2001:db8::1/64"),
+        ({"routes": (ipaddress.ip_network("2001:db8:b::/64"),)}, "--route 2001:db8:b::/64"),
+        ({"rewrite_src": (AddressMapping.parse("2001:db8::1=2001:db8::7"),)},
+         "--rewrite-src 2001:db8::1=2001:db8::7"),
+        ({"rewrite_dst": (AddressMapping.parse("2001:db8::2=2001:db8::8"),)},
+         "--rewrite-dst 2001:db8::2=2001:db8::8"),
+    ],
+)
+def test_ipv6_anywhere_needs_1280(options: dict[str, object], cause: str) -> None:
+    """IPv6 through the tunnel by address, route or rewrite rule: the MTU must be 1280 or
+    more, set (--mtu) or derived from the underlay; the error names the cause."""
+    with pytest.raises(ConfigError, match="IPv6 needs 1280") as error:
+        TunnelConfig("tun0", A, B, mtu=1200, **options)  # type: ignore[arg-type]
+    assert cause in str(error.value)
+    config = TunnelConfig("tun0", A, B, **options)  # type: ignore[arg-type]
+    assert config.mtu_for(1312) == 1280
+    with pytest.raises(ConfigError, match="IPv6 needs 1280") as error:
+        config.mtu_for(1300)  # 1268 left for the tunnel
+    assert cause in str(error.value) and "underlay MTU 1300" in str(error.value)
+    # an IPv4-only tunnel gets by with less
+    assert TunnelConfig("tun0", A, B, mtu=1200).mtu_for(1300) == 1200
+    assert TunnelConfig("tun0", A, B).mtu_for(1300) == 1268
 
 
 def test_mtu_follows_the_underlay() -> None:

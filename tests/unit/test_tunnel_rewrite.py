@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6
 
-from ipshift.packet import vnet
+from ipshift.packet import complete_partial_checksum, vnet
 from ipshift.tunnel import Counters
 from ipshift.tunnel.config import AddressMapping
 from ipshift.tunnel.rewrite import AddressRewriter
@@ -26,6 +26,7 @@ from tests.unit.test_tunnel_support import (
 OLD = {4: "203.0.113.1", 6: "2001:db8:ff::1"}
 NEW = {4: "198.51.100.7", 6: "2001:db8:77::7"}
 PEER = {4: "203.0.113.2", 6: "2001:db8:ff::2"}
+PEER_NEW = {4: "192.0.2.77", 6: "2001:db8:ee::77"}
 
 
 def rewriter(version: int) -> AddressRewriter:
@@ -114,3 +115,57 @@ def test_unparseable_packets_are_refused() -> None:
 def test_no_rules_no_hooks() -> None:
     assert not AddressRewriter()
     assert AddressRewriter(dst=[AddressMapping.parse("192.0.2.1=192.0.2.2")])
+
+
+def both_ways(version: int) -> AddressRewriter:
+    """A source rule and a destination rule that one flow matches at once."""
+    return AddressRewriter(src=[AddressMapping.parse(f"{OLD[version]}={NEW[version]}")],
+                           dst=[AddressMapping.parse(f"{PEER[version]}={PEER_NEW[version]}")])
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
+@pytest.mark.parametrize("udp", [False, True], ids=["tcp", "udp"])
+@pytest.mark.parametrize("version", [4, 6])
+def test_source_and_destination_rules_both_apply(version: int, udp: bool, partial: bool) -> None:
+    """A packet matching a --rewrite-src and a --rewrite-dst rule gets both rewrites, outbound
+    and (reversed) inbound; scapy recomputes the checksums from scratch as the oracle."""
+    counters = Counters()
+    hooks = both_ways(version).hooks(counters)
+    assert hooks.outbound is not None and hooks.inbound is not None
+    for hook, before, after in (
+        (hooks.outbound, (OLD[version], PEER[version]), (NEW[version], PEER_NEW[version])),
+        (hooks.inbound, (PEER_NEW[version], NEW[version]), (PEER[version], OLD[version])),
+    ):
+        # A TUN packet with NEEDS_CSUM (the L4 field holds the pseudo-header sum), or a
+        # complete one.
+        packet, start, offset = super_packet(version, 300, udp=udp, addresses=before)
+        if not partial:
+            complete_partial_checksum(packet, start, offset)
+            assert_checksums_valid(bytes(packet))
+        assert hook(packet, 0, partial)
+        if partial:
+            complete_partial_checksum(packet, start, offset)
+        assert addresses(bytes(assert_checksums_valid(bytes(packet)))) == after
+    assert counters.rewritten == 2  # one per packet, however many rules
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_icmp_error_quote_gets_both_rules_mapped_back(version: int) -> None:
+    """The peer's ICMP error about a doubly rewritten packet: both rules map the outer
+    addresses and the quote back."""
+    hooks = both_ways(version).hooks(Counters())
+    assert hooks.inbound is not None
+    if version == 4:
+        quoted = IP(src=NEW[4], dst=PEER_NEW[4]) / UDP(sport=53, dport=53) / b"query"
+        error = IP(src=PEER_NEW[4], dst=NEW[4]) / ICMP(type=3, code=3) / bytes(quoted)
+        want = IP(src=PEER[4], dst=OLD[4]) / ICMP(type=3, code=3) / bytes(
+            IP(src=OLD[4], dst=PEER[4]) / UDP(sport=53, dport=53) / b"query")
+    else:
+        quoted6 = IPv6(src=NEW[6], dst=PEER_NEW[6]) / UDP(sport=53, dport=53) / b"query"
+        error = IPv6(src=PEER_NEW[6], dst=NEW[6]) / ICMPv6DestUnreach() / bytes(quoted6)
+        want = IPv6(src=PEER[6], dst=OLD[6]) / ICMPv6DestUnreach() / bytes(
+            IPv6(src=OLD[6], dst=PEER[6]) / UDP(sport=53, dport=53) / b"query")
+    buf = bytearray(bytes(error))
+    assert hooks.inbound(buf, 0, False)
+    assert bytes(buf) == bytes(want)  # scapy computes every checksum of `want` from scratch
+

@@ -14,6 +14,7 @@ _FILE_HEADER = struct.Struct("<IHHiIII")
 _RECORD_HEADER = struct.Struct("<IIII")
 _MAGIC = 0xA1B2C3D4
 _SNAPLEN = 262144
+_MAX_SECONDS = 1 << 32  # the record header holds unsigned 32-bit seconds
 
 
 def encode_pcap(
@@ -25,9 +26,22 @@ def encode_pcap(
     out = bytearray(_FILE_HEADER.pack(_MAGIC, 2, 4, 0, 0, _SNAPLEN, linktype))
     for index, packet in enumerate(packets):
         stamp = index / 1000 if timestamps is None else timestamps[index]
-        seconds = int(stamp)
-        micros = round((stamp - seconds) * 1_000_000)
+        seconds, micros = _split_timestamp(stamp)
         size = len(packet)
         out += _RECORD_HEADER.pack(seconds, micros, min(size, _SNAPLEN), size)
         out += packet[:_SNAPLEN]
     return bytes(out)
+
+
+def _split_timestamp(stamp: float) -> tuple[int, int]:
+    """(seconds, microseconds) of a timestamp; rounding up to a whole second carries over."""
+    if not 0 <= stamp < _MAX_SECONDS:  # also refuses NaN
+        raise ValueError(f"pcap timestamp {stamp!r} is outside 0 .. 2**32 seconds")
+    seconds = int(stamp)
+    micros = round((stamp - seconds) * 1_000_000)
+    if micros >= 1_000_000:
+        seconds += 1
+        micros -= 1_000_000
+        if seconds >= _MAX_SECONDS:
+            raise ValueError(f"pcap timestamp {stamp!r} is outside 0 .. 2**32 seconds")
+    return seconds, micros

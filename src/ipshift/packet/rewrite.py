@@ -345,9 +345,15 @@ class FlowRewrite:
         if end > len(buf):
             raise PacketError("truncated", f"payload length exceeds the {len(buf) - offset} bytes")
         if fast and ports is None and protocol in (IPPROTO_TCP, IPPROTO_UDP):
-            # Fast path: no extension headers, addresses only.
-            checksum_at = start + 16 if protocol == IPPROTO_TCP else start + 6
-            if checksum_at + 2 > end or (protocol == IPPROTO_UDP and end - start < 8):
+            # Fast path: no extension headers, addresses only. It refuses what
+            # `_update_transport` refuses: a header shorter than 20 (TCP) or 8 (UDP) bytes.
+            if protocol == IPPROTO_TCP:
+                checksum_at = start + 16
+                smallest = 20
+            else:
+                checksum_at = start + 6
+                smallest = 8
+            if end - start < smallest:
                 raise PacketError("truncated", f"protocol {protocol} header cut short")
             (value,) = _unpack_u16(buf, checksum_at)
             if partial:

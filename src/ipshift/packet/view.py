@@ -28,6 +28,7 @@ from ipshift.packet.protocols import (
     IPPROTO_DCCP,
     IPPROTO_ICMP,
     IPPROTO_ICMPV6,
+    IPPROTO_SCTP,
     IPPROTO_TCP,
     IPPROTO_UDP,
     IPPROTO_UDPLITE,
@@ -41,7 +42,9 @@ _PORTS = struct.Struct("!HH")
 _unpack_ports = _PORTS.unpack_from
 
 #: Protocols whose first four octets are the source and destination ports.
-PORT_PROTOCOLS = frozenset({IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, IPPROTO_DCCP, 132})
+PORT_PROTOCOLS = frozenset({IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, IPPROTO_DCCP, IPPROTO_SCTP})
+#: Those of them whose header `_check_transport` checks only for the ports (4 bytes).
+_OTHER_PORT_PROTOCOLS = PORT_PROTOCOLS - {IPPROTO_TCP, IPPROTO_UDP}
 
 
 class Packet:
@@ -335,7 +338,10 @@ def parse_packet(data: BytesLike, offset: int = 0) -> IPv4Packet | IPv6Packet:
         elif protocol == IPPROTO_UDP:
             if not 8 <= (data[header_end + 4] << 8 | data[header_end + 5]) <= end - header_end:
                 return _parse_checked(data, offset)
-        elif protocol == IPPROTO_ICMP and end - header_end < 8:
+        elif protocol == IPPROTO_ICMP:
+            if end - header_end < 8:
+                return _parse_checked(data, offset)
+        elif protocol in _OTHER_PORT_PROTOCOLS and end - header_end < 4:
             return _parse_checked(data, offset)
     except (struct.error, IndexError):
         return _parse_checked(data, offset)
@@ -421,8 +427,9 @@ def _parse_ipv6(data: BytesLike, offset: int, size: int) -> IPv6Packet:
 def _check_transport(
     data: BytesLike, protocol: int, start: int, end: int, fragmented: int | bool, icmp: int
 ) -> None:
-    """Check that a TCP, UDP or ICMP header fits. In a first fragment only the fixed part must
-    be there; the rest of the segment is in later fragments."""
+    """Check that a TCP, UDP or ICMP header fits, and the ports of UDP-Lite, DCCP and SCTP.
+    In a first fragment only the fixed part must be there; the rest of the segment is in later
+    fragments."""
     if protocol == IPPROTO_TCP:
         if end - start < 20:
             raise PacketError("truncated", "TCP header needs 20 bytes")
@@ -437,5 +444,9 @@ def _check_transport(
         length = data[start + 4] << 8 | data[start + 5]
         if length < 8 or (not fragmented and start + length > end):
             raise PacketError("length-mismatch", f"UDP length {length} for {end - start} bytes")
-    elif protocol == icmp and end - start < 8:
-        raise PacketError("truncated", "ICMP header needs 8 bytes")
+    elif protocol == icmp:
+        if end - start < 8:
+            raise PacketError("truncated", "ICMP header needs 8 bytes")
+    elif protocol in _OTHER_PORT_PROTOCOLS and end - start < 4:
+        # `ports` reads the first four octets: they must be inside the packet, not padding.
+        raise PacketError("truncated", f"protocol {protocol} header needs its 4 bytes of ports")

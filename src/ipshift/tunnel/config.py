@@ -15,6 +15,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_QUEUES = 16
 UDP_HEADER_LEN = 8
 MIN_MTU = 576  # IPv4's minimum reassembly size; IPv6 needs 1280 and is checked separately
+IPV6_MIN_MTU = 1280  # RFC 8200 section 5
+IFNAMSIZ = 16  # Linux interface names: up to 15 bytes and a NUL
 
 
 class ConfigError(ValueError):
@@ -43,7 +45,8 @@ class Endpoint:
             address = ipaddress.ip_address(host)
         except ValueError as exc:
             raise ConfigError(f"{what} {text!r}: {host!r} is not an IP address") from exc
-        if not port.isdigit() or not 1 <= int(port) <= 65535:
+        # isdigit() alone also takes "²" and other non-ASCII digits, which int() refuses.
+        if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
             raise ConfigError(f"{what} {text!r}: port must be 1..65535")
         return cls(address, int(port))
 
@@ -75,6 +78,8 @@ class AddressMapping:
             raise ConfigError(f"{what} {text!r} is not OLD=NEW with two IP addresses") from exc
         if not sep or mapping.old.version != mapping.new.version:
             raise ConfigError(f"{what} {text!r}: both addresses must be of one IP version")
+        if mapping.old == mapping.new:
+            raise ConfigError(f"{what} {text!r}: OLD and NEW are the same address")
         return mapping
 
     def __str__(self) -> str:
@@ -107,8 +112,7 @@ class TunnelConfig:
     def __post_init__(self) -> None:
         if self.framing not in FRAMINGS:
             raise ConfigError(f"--framing must be one of {', '.join(FRAMINGS)}")
-        if not self.dev or len(self.dev.encode()) > 15 or "/" in self.dev or " " in self.dev:
-            raise ConfigError(f"--dev {self.dev!r}: an interface name has 1-15 characters")
+        check_interface_name(self.dev)
         if self.local.family != self.remote.family:
             raise ConfigError("--local and --remote must both be IPv4 or both be IPv6")
         if not 1 <= self.queues <= MAX_QUEUES:
@@ -117,6 +121,9 @@ class TunnelConfig:
             if endpoint.port + self.queues - 1 > 65535:
                 raise ConfigError(f"{what}: {self.queues} queues need ports up to "
                                   f"{endpoint.port + self.queues - 1}")
+        for what, mappings in (("--rewrite-src", self.rewrite_src),
+                               ("--rewrite-dst", self.rewrite_dst)):
+            _check_mappings(what, mappings)
         if self.mtu is not None:
             self.check_mtu(self.mtu)
 
@@ -126,16 +133,78 @@ class TunnelConfig:
         outer_ip = 40 if self.remote.host.version == 6 else 20
         return outer_ip + UDP_HEADER_LEN + wire.HEADER_LEN
 
-    def check_mtu(self, mtu: int) -> None:
-        lowest = 1280 if any(a.version == 6 for a in self.addresses) else MIN_MTU
-        if not lowest <= mtu <= 65535 - self.overhead:
-            raise ConfigError(
-                f"tunnel MTU {mtu} is outside {lowest}..{65535 - self.overhead}"
-                + (" (IPv6 needs 1280)" if lowest == 1280 else "")
-            )
+    @property
+    def ipv6_cause(self) -> str | None:
+        """The first option that carries IPv6 through the tunnel (which then needs an MTU of
+        at least 1280), or None for an IPv4-only tunnel."""
+        for address in self.addresses:
+            if address.version == 6:
+                return f"--address {address}"
+        for route in self.routes:
+            if route.version == 6:
+                return f"--route {route}"
+        for what, mappings in (("--rewrite-src", self.rewrite_src),
+                               ("--rewrite-dst", self.rewrite_dst)):
+            for mapping in mappings:
+                if mapping.old.version == 6:
+                    return f"{what} {mapping}"
+        return None
+
+    def check_mtu(self, mtu: int, underlay_mtu: int | None = None) -> None:
+        """Refuse a tunnel MTU outside what the inner IP versions need and UDP can carry.
+        `underlay_mtu`: the MTU was derived from it (no --mtu), which the message says."""
+        ipv6 = self.ipv6_cause
+        lowest = IPV6_MIN_MTU if ipv6 else MIN_MTU
+        if lowest <= mtu <= 65535 - self.overhead:
+            return
+        if underlay_mtu is None:
+            message = f"tunnel MTU {mtu} is outside {lowest}..{65535 - self.overhead}"
+        else:
+            message = (f"the tunnel MTU derived from the underlay MTU {underlay_mtu} (minus "
+                       f"{self.overhead} bytes of tunnel overhead) is {mtu}, outside "
+                       f"{lowest}..{65535 - self.overhead}")
+        if ipv6 and mtu < lowest:
+            message += f" (IPv6 needs 1280, and {ipv6} carries IPv6)"
+        if underlay_mtu is not None and mtu < lowest:
+            message += "; raise the underlay MTU or set --mtu"
+        raise ConfigError(message)
 
     def mtu_for(self, underlay_mtu: int) -> int:
         """The tunnel MTU: the configured one, else what fits one underlay packet."""
-        mtu = self.mtu if self.mtu is not None else underlay_mtu - self.overhead
-        self.check_mtu(mtu)
+        if self.mtu is not None:
+            self.check_mtu(self.mtu)
+            return self.mtu
+        mtu = underlay_mtu - self.overhead
+        self.check_mtu(mtu, underlay_mtu)
         return mtu
+
+
+def check_interface_name(name: str) -> None:
+    """Refuse a --dev name Linux refuses (dev_valid_name: 1-15 bytes; not "." or ".."; no "/",
+    ":" or whitespace) or that it would treat as a pattern ("%": tun%d picks a free number)."""
+    size = len(name.encode())
+    if not 1 <= size <= IFNAMSIZ - 1:
+        raise ConfigError(f"--dev {name!r}: an interface name has 1-{IFNAMSIZ - 1} bytes, "
+                          f"not {size}")
+    if name in (".", ".."):
+        raise ConfigError(f"--dev {name!r}: '.' and '..' are not interface names")
+    # Linux's isspace() also takes the byte 0xA0 (Latin-1 no-break space), which the UTF-8 of
+    # some characters contains; control characters are refused here as well.
+    bad = sorted({c for c in name if c in "/:%" or c.isspace() or not c.isprintable()
+                  or 0xA0 in c.encode()})
+    if bad:
+        raise ConfigError(f"--dev {name!r}: an interface name cannot contain "
+                          f"{', '.join(repr(c) for c in bad)} (no '/', ':', '%' or whitespace)")
+
+
+def _check_mappings(what: str, mappings: tuple[AddressMapping, ...]) -> None:
+    """One rule per address of a direction: two rules with the same OLD (or the same NEW, which
+    is OLD of the reverse rule) would make all but the first dead."""
+    for side in ("old", "new"):
+        seen: dict[IPAddress, AddressMapping] = {}
+        for mapping in mappings:
+            address = getattr(mapping, side)
+            if address in seen:
+                raise ConfigError(f"{what} {seen[address]} and {what} {mapping}: two rules "
+                                  f"for {address}; one address can have one rule only")
+            seen[address] = mapping

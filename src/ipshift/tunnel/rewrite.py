@@ -25,16 +25,25 @@ log = logging.getLogger("ipshift.tunnel")
 
 
 class AddressRewriter:
-    """The rewrite rules of one tunnel, as forwarder hooks."""
+    """The rewrite rules of one tunnel, as forwarder hooks.
+
+    A packet gets at most one rule that changes its source and one that changes its
+    destination, both applied (one after the other, each updating the checksums by its own
+    delta): a packet can match a --rewrite-src and a --rewrite-dst rule at once."""
 
     def __init__(
         self, src: Sequence[AddressMapping] = (), dst: Sequence[AddressMapping] = ()
     ) -> None:
-        self.outbound_rules = [FlowRewrite.source(m.old.packed, m.new.packed) for m in src] + [
-            FlowRewrite.destination(m.old.packed, m.new.packed) for m in dst
-        ]
-        # Replies come back addressed to the new address: map it back to the old one.
-        self.inbound_rules = [rule.reverse() for rule in self.outbound_rules]
+        source = [FlowRewrite.source(m.old.packed, m.new.packed) for m in src]
+        destination = [FlowRewrite.destination(m.old.packed, m.new.packed) for m in dst]
+        # (rules changing the source, rules changing the destination) of each direction.
+        self.outbound = (source, destination)
+        # Replies come back addressed to the new address: map it back to the old one. The
+        # reverse of a source rule changes the destination and vice versa.
+        self.inbound = ([rule.reverse() for rule in destination],
+                        [rule.reverse() for rule in source])
+        self.outbound_rules = source + destination
+        self.inbound_rules = self.inbound[0] + self.inbound[1]
 
     def __bool__(self) -> bool:
         return bool(self.outbound_rules)
@@ -42,23 +51,34 @@ class AddressRewriter:
     def hooks(self, counters: Counters) -> Hooks:
         """Hooks that apply these rules and count into `counters`."""
         return Hooks(
-            outbound=self._hook(self.outbound_rules, counters),
-            inbound=self._hook(self.inbound_rules, counters),
+            outbound=self._hook(*self.outbound, counters),
+            inbound=self._hook(*self.inbound, counters),
         )
 
     @staticmethod
-    def _hook(rules: list[FlowRewrite], counters: Counters) -> PacketHook:
+    def _hook(
+        source: list[FlowRewrite], destination: list[FlowRewrite], counters: Counters
+    ) -> PacketHook:
         def rewrite(buf: bytearray, offset: int, partial: bool) -> bool:
+            changed = False
             try:
-                for rule in rules:
+                # The first matching rule of each kind; the destination rules match on the
+                # destination, which a source rule leaves alone.
+                for rule in source:
                     if rule.apply(buf, offset, partial):
-                        counters.rewritten += 1
-                        return True
+                        changed = True
+                        break
+                for rule in destination:
+                    if rule.apply(buf, offset, partial):
+                        changed = True
+                        break
             except PacketError as exc:
-                # A packet the rewriter cannot parse must not slip through unrewritten.
+                # A packet the rewriter cannot parse must not slip through unrewritten (nor
+                # half rewritten).
                 log.debug("rewrite refused a packet: %s", exc)
                 return False
+            if changed:
+                counters.rewritten += 1
             return True
 
         return rewrite
-
