@@ -113,6 +113,15 @@ def test_out_of_sync_states(lab, tmp_path):
                         env=d.env, check=False, timeout=20)
     assert second.returncode != 0
     assert "already running" in second.stderr
+    # so is one on the same interface with another control socket, which leaves the first's
+    # nftables table alone
+    other = d.run_dir / "resend" / "other"
+    second = d.home.run([sys.executable, "-m", "ipshift", "resend", "run", "-o", "ppp0", "-c",
+                         str(other)], env=d.env, check=False, timeout=20)
+    assert second.returncode != 0
+    assert "another ip_resend already runs on ppp0" in second.stderr
+    tables = d.home.run(["nft", "list", "tables"]).stdout
+    assert "ipshift_resend_ppp0" in tables and not other.exists()
     # a garbage message is refused and the daemon keeps waiting
     bad = d.home.run([sys.executable, "-m", "ipshift.resend.wakeup", "-m", "hello", "-o",
                       "ppp0"], env=d.env, check=False)

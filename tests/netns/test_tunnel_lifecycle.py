@@ -55,13 +55,22 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, Node,
         yield a, b, tmp_path_factory.mktemp("tunnel-life")
 
 
-def start(node: Node, tmp: Path, name: str = "tun-a") -> tuple[LabProcess, Path]:
+def start(node: Node, tmp: Path, name: str = "tun-a", *extra: str) -> tuple[LabProcess, Path]:
     socket = tmp / f"{name}-{len(list(tmp.iterdir()))}.sock"
     proc = node.spawn([*TUNNEL, "run", "--dev", name, "--local", "192.0.2.1:4789", "--remote",
-                       "192.0.2.2:4789", "--address", "203.0.113.1/30", "--socket", str(socket)],
-                      name="tunnel")
+                       "192.0.2.2:4789", "--address", "203.0.113.1/30", "--socket", str(socket),
+                       *extra], name="tunnel")
     assert proc.wait_for_output(" up: ", timeout=20), proc.stderr()
     return proc, socket
+
+
+def gone(node: Node, name: str, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not has_link(node, name):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def has_link(node: Node, name: str) -> bool:
@@ -97,6 +106,40 @@ def test_sigkill_leaves_nothing_and_a_restart_works(pair: tuple[Node, Node, Path
     assert has_link(a, "tun-k")
     assert again.stop() == 0, again.stderr()
     assert not has_link(a, "tun-k")
+
+
+def test_sigkill_of_a_multi_queue_tunnel_takes_its_workers_and_device_along(
+    pair: tuple[Node, Node, Path],
+) -> None:
+    """The queue workers hold the device's other queues: they must go with the daemon."""
+    a, _, tmp = pair
+    proc, _ = start(a, tmp, "tun-q", "--queues", "2")
+    proc.signal(signal.SIGKILL)
+    proc.wait(timeout=15)
+    assert gone(a, "tun-q"), "the workers kept the device"
+    again, _ = start(a, tmp, "tun-q", "--queues", "2")  # ports and name free again
+    assert again.stop() == 0, again.stderr()
+    assert gone(a, "tun-q")
+
+
+def test_a_refused_second_instance_leaves_the_first_alone(
+    pair: tuple[Node, Node, Path],
+) -> None:
+    a, _, tmp = pair
+    proc, socket = start(a, tmp, "tun-s", "--queues", "2")
+    try:
+        before = a.ip("-o", "addr", "show", "dev", "tun-s") + a.ip("-o", "link", "show", "tun-s")
+        for sock in (socket, tmp / "other.sock"):  # the same control socket, or another one
+            second = a.spawn([*TUNNEL, "run", "--dev", "tun-s", "--local", "192.0.2.1:4799",
+                              "--remote", "192.0.2.2:4799", "--address", "198.51.100.9/32",
+                              "--mtu", "1280", "--queues", "2", "--socket", str(sock)],
+                             name="tunnel-second")
+            assert second.wait(timeout=20) in (1, 2)
+            assert "already running" in second.stderr() or "exists already" in second.stderr()
+        after = a.ip("-o", "addr", "show", "dev", "tun-s") + a.ip("-o", "link", "show", "tun-s")
+        assert after == before and proc.running()
+    finally:
+        assert proc.stop() == 0, proc.stderr()
 
 
 def test_an_independent_peer_and_malformed_datagrams(pair: tuple[Node, Node, Path]) -> None:

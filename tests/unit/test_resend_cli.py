@@ -46,3 +46,13 @@ def test_socket_derived_from_interface():
 def test_wakeup_needs_a_target(capsys):
     assert main(["-m", "192.0.2.1"]) == 2
     assert "-d INTERFACE, -o INTERFACE or -c PATH" in capsys.readouterr().err
+
+
+def test_run_without_root_is_a_clear_error(monkeypatch, capsys):
+    from ipshift.cli import main
+
+    monkeypatch.setattr("os.geteuid", lambda: 65534)
+    monkeypatch.setattr("ipshift.resend.daemon.run_daemon",
+                        lambda *a, **k: pytest.fail("started anyway"))
+    assert main(["resend", "run", "-o", "ppp9"]) == 2
+    assert "run it as root" in capsys.readouterr().err

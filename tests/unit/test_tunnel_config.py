@@ -184,3 +184,13 @@ def test_command_line_errors_are_user_errors(extra: list[str], message: str | No
 def test_status_command_parses() -> None:
     args = parse("status", "--dev", "tun7", "--json")
     assert args.dev == "tun7" and args.json
+
+
+def test_run_without_root_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ipshift.cli import main
+
+    monkeypatch.setattr("os.geteuid", lambda: 65534)
+    monkeypatch.setattr("ipshift.tunnel.daemon.run_daemon",
+                        lambda *a, **k: pytest.fail("started anyway"))
+    assert main(["tunnel", "run", "--dev", "tq0", "--local", "192.0.2.1:4789",
+                 "--remote", "192.0.2.2:4789"]) == 2

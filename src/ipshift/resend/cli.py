@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,6 +74,8 @@ def config_from_args(args: argparse.Namespace) -> ResendConfig:
 def _run(args: argparse.Namespace) -> int:
     from ipshift.resend.daemon import run_daemon
 
+    if os.geteuid() != 0:
+        raise UserError("ip_resend captures packets and changes nftables: run it as root")
     setup_logging(min(args.debug, 2) + 1, syslog=True)
     config = config_from_args(args)
     try:

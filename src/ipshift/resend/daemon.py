@@ -9,8 +9,10 @@ Kernel objects it owns, all removed on exit and on start (reconcile after a kill
 from __future__ import annotations
 
 import asyncio
+import errno as _errno
 import json
 import logging
+import os
 import signal
 import socket
 from pathlib import Path
@@ -101,6 +103,7 @@ class ResendDaemon:
         self.engine = ResendEngine(config)
         self._ctl = CtlServer(socket_path, name="ip_resend")
         self._nft: Nft | None = None
+        self._lock: socket.socket | None = None  # see _lock_interface
         self._netlink: Netlink | None = None
         self._conntrack: Conntrack | None = None
         self._out_sock: PacketSocket | None = None
@@ -136,8 +139,10 @@ class ResendDaemon:
             await self._main_loop()
             return 0
         finally:
-            await self._ctl.close()
+            # The kernel state first: the socket going away tells a successor it may start,
+            # and its table must not be deleted by us after that.
             self._close_kernel()
+            await self._ctl.close()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -146,6 +151,7 @@ class ResendDaemon:
     def _open_kernel(self) -> None:
         self._netlink = Netlink(self.netns)
         self._netlink.index(self.outgoing)  # fails clearly if the interface does not exist
+        self._lock_interface()
         self._nft = Nft(self.netns)
         self._reconcile()
         self._nft.run(
@@ -157,6 +163,23 @@ class ResendDaemon:
         )
         self._conntrack = Conntrack(self.netns)
         self._update_sockets()
+
+    def _lock_interface(self) -> None:
+        """One instance per interface and namespace, whatever its control socket: the nftables
+        table is named after the interface, and a second instance would take it over. The
+        lock is an abstract unix socket name: no file, and released by the kernel however
+        the holder ends."""
+        ns = f"/run/netns/{self.netns}" if self.netns else "/proc/self/ns/net"
+        lock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            lock.bind(f"\0ipshift-resend-{os.stat(ns).st_ino}-{self.table}")
+        except OSError as exc:
+            lock.close()
+            if exc.errno != _errno.EADDRINUSE:
+                raise
+            raise OSError(_errno.EBUSY, f"another ip_resend already runs on {self.outgoing} "
+                                        "(with another control socket)") from None
+        self._lock = lock
 
     def _reconcile(self) -> None:
         """Remove what an earlier instance on this interface left (killed before cleaning)."""
@@ -191,6 +214,9 @@ class ResendDaemon:
         for handle in (self._conntrack, self._netlink):
             if handle is not None:
                 handle.close()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     # --- the loop -------------------------------------------------------------------------
     async def _main_loop(self) -> None:

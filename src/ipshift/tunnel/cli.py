@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,10 @@ def _socket_path(args: argparse.Namespace) -> Path:
 def _run(args: argparse.Namespace) -> int:
     from ipshift.tunnel.daemon import run_daemon
 
-    setup_logging(args.verbose + 1, syslog=True)
     config = config_from_args(args)
+    if os.geteuid() != 0:
+        raise UserError("the tunnel creates a TUN device: run it as root")
+    setup_logging(args.verbose + 1, syslog=True)
     return run_daemon(config, socket_path=_socket_path(args))
 
 

@@ -83,6 +83,16 @@ class TunnelDaemon:
     def open(self) -> None:
         """Create the TUN device, set its MTU, addresses and routes, open the sockets."""
         config = self.config
+        if config.queues > 1:
+            # Queues attach to an existing multi-queue device: never to another tunnel's.
+            with Netlink(config.netns) as nl:
+                try:
+                    nl.index(config.dev)
+                except NetError:
+                    pass
+                else:
+                    raise TunnelError(f"a device named {config.dev} exists already (another "
+                                      "tunnel?); pick another --dev")
         try:
             self.device = tun.open_tun(config.dev, queues=config.queues, netns_name=config.netns)
         except (tun.TunError, ValueError) as exc:
@@ -188,7 +198,7 @@ class TunnelDaemon:
             worker = context.Process(
                 target=_worker_main,
                 args=(self.device.fds[index], self.sockets[index], self.rewriter, self._shared,
-                      index, self.chunk),
+                      index, self.chunk, os.getpid()),
                 name=f"tunnel-{self.config.dev}-q{index}",
                 daemon=True,
             )
@@ -275,9 +285,12 @@ def _forwarding() -> bool:
 
 def _worker_main(
     tun_fd: int, sock: socket.socket, rewriter: AddressRewriter, shared: Any, index: int,
-    chunk: int | None,
+    chunk: int | None, parent: int,
 ) -> None:
-    """A queue's worker process: forward until SIGTERM, publishing counters."""
+    """A queue's worker process: forward until SIGTERM (also sent when the daemon dies, even
+    by kill -9: the worker holds a queue of the device, which would outlive it), publishing
+    counters."""
+    _die_with_parent(parent)
     signal.set_wakeup_fd(-1)  # the parent's asyncio wake-up fd is not ours
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -305,12 +318,30 @@ def _worker_main(
         publish()
 
 
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel send SIGTERM when the process that forked us dies
+    (PR_SET_PDEATHSIG), and go at once if it died already."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG): %s", os.strerror(ctypes.get_errno()))
+    if os.getppid() != parent:
+        os._exit(0)
+
+
 def run_daemon(config: TunnelConfig, *, socket_path: Path | None) -> int:
     """Foreground tunnel for the CLI: until SIGTERM/SIGINT; status on the control socket and,
     as a log line, on SIGUSR1. Returns the exit status."""
     from ipshift.ctl import CtlError
-    from ipshift.ctl.server import CtlServer
+    from ipshift.ctl.server import CtlServer, prepare_socket_path
 
+    if socket_path is not None:
+        # Before touching the device: a second instance must not reconfigure the first.
+        try:
+            prepare_socket_path(socket_path)
+        except CtlError as exc:
+            log.error("%s", exc.message)
+            return 2
     daemon = TunnelDaemon(config)
     try:
         daemon.open()
