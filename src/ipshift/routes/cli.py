@@ -42,10 +42,14 @@ def _load(args: argparse.Namespace) -> RoutesConfig:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.metrics is not None:
+        problem = config.metrics_problem(args.metrics)
+        if problem:
+            raise UserError(f"--metrics: {problem}")
     if os.geteuid() != 0:
         raise UserError("the routes daemon changes routes and sends raw probes: run it as root")
     cfg = _load(args)
-    from ipshift.routes.daemon import RoutesDaemon
+    from ipshift.routes.daemon import RoutesDaemon, StartupError
 
     path = Path(args.socket) if args.socket else socket_path(cfg.settings.name)
     daemon = RoutesDaemon(cfg, socket_path=path, metrics=args.metrics)
@@ -53,6 +57,8 @@ def _run(args: argparse.Namespace) -> int:
         return asyncio.run(daemon.run())
     except CtlError as exc:
         raise UserError(exc.message) from exc
+    except StartupError as exc:
+        raise UserError(str(exc)) from exc
     except PermissionError as exc:
         raise UserError(f"permission denied: {exc.strerror} (run as root)") from exc
 

@@ -95,9 +95,11 @@ class _Loader:
     # ---- reading ---------------------------------------------------------------------------
     def read(self) -> None:
         try:
-            text = self.path.read_text()
+            text = self.path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError([Problem(str(self.path), f"cannot read: {exc.strerror}")]) from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError([Problem(str(self.path), _not_utf8(exc))]) from exc
         if self.path.suffix != ".toml":
             self.parser.feed(text, str(self.path))
             return
@@ -126,9 +128,11 @@ class _Loader:
             if not p.is_absolute():
                 p = self.path.parent / p
             try:
-                self.parser.feed(p.read_text(), str(p))
+                self.parser.feed(p.read_text(encoding="utf-8"), str(p))
             except OSError as exc:
                 self.error(self.where, f"include {inc}: cannot read: {exc.strerror}")
+            except UnicodeDecodeError as exc:
+                self.error(self.where, f"include {p}: {_not_utf8(exc)}")
         if "ip" in doc:
             if isinstance(doc["ip"], str):
                 self.parser.feed(doc["ip"], f"{self.where}: ip")
@@ -416,11 +420,9 @@ class _Loader:
             elif not os.access(hook, os.X_OK):
                 self.error(where, f"hook {hook} is not executable (chmod +x {hook})")
         if s.metrics:
-            host, _, port = s.metrics.rpartition(":")
-            ok = port.isascii() and port.isdigit() and 0 < int(port) < 65536
-            if not host or not ok:
-                self.error(where, f"metrics {s.metrics!r} must be ADDRESS:PORT, "
-                                  "e.g. 127.0.0.1:9465")
+            problem = metrics_problem(s.metrics)
+            if problem:
+                self.error(where, problem)
         own_tables = {u.table: u for u in cfg.uplinks}
         config_tables = {r.table for r in cfg.routes}
         for up in cfg.uplinks:
@@ -497,6 +499,15 @@ class _Loader:
                                       f"net.ipv4.conf.{dev}.rp_filter=2")
 
 
+def metrics_problem(value: str) -> str | None:
+    """Why a metrics address (`ADDRESS:PORT`, from the file or --metrics) is unusable, or None."""
+    host, _, port = value.rpartition(":")
+    ok = port.isascii() and port.isdigit() and 0 < int(port) < 65536
+    if not host.strip("[]") or not ok:
+        return f"metrics {value!r} must be ADDRESS:PORT, e.g. 127.0.0.1:9465"
+    return None
+
+
 def _tables(value: Any, what: str, loader: _Loader) -> list[dict[str, Any]]:
     if isinstance(value, dict):
         value = [value]
@@ -504,6 +515,10 @@ def _tables(value: Any, what: str, loader: _Loader) -> list[dict[str, Any]]:
         loader.error(loader.where, f"[[{what}]] entries must be tables")
         return []
     return value
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    return f"cannot read: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
 
 
 def _quote(word: str) -> str:
@@ -612,4 +627,4 @@ def loads(text: str, *, toml: bool = False, source: str = "<text>",
 
 
 __all__ = ["ROUTE_TYPES", "SCOPE_NAMES", "ConfigError", "Nexthop", "RouteSpec", "RuleSpec",
-           "check", "load", "loads"]
+           "check", "load", "loads", "metrics_problem"]

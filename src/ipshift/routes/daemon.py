@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from ipshift.net.netlink import (
     Rule,
 )
 from ipshift.net.probe import ArpSocket, EchoSocket, NeighbourSolicitSocket, close_all
+from ipshift.routes import config
 from ipshift.routes.detect import SendProbe, UplinkChanged
 from ipshift.routes.engine import Action, RoutesEngine
 from ipshift.routes.kernel import KernelAdapter, from_route, from_rule
@@ -49,6 +50,13 @@ from ipshift.routes.plan import (
 )
 
 log = logging.getLogger("ipshift.routes")
+
+HOOK_TERM_GRACE = 1.0  # seconds a hook gets after SIGTERM at shutdown before SIGKILL
+DRAIN_TIMEOUT = 5.0  # seconds other pending work (conntrack deletions) gets at shutdown
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start (e.g. the metrics port is taken); str() is one line."""
 
 
 @dataclass
@@ -104,6 +112,7 @@ class RoutesDaemon:
         self._addrs: dict[str, set[IPInterface]] = {}
         self._links: dict[str, Link] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._hook_procs: set[asyncio.subprocess.Process] = set()
         self.kernel: KernelAdapter | None = None
         self.engine: RoutesEngine | None = None
         self.events: NetlinkEvents | None = None
@@ -118,14 +127,15 @@ class RoutesDaemon:
         try:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.add_signal_handler(sig, self._stop.set)
+            self._start_metrics()  # a taken port fails the start before the kernel is touched
             self._start_kernel(loop.time())
-            self._start_metrics()
             self.ready = True
             log.warning("routes: running with %d uplinks, %d rules, %d routes (profile %s)",
                         len(self.cfg.uplinks), len(self.cfg.rules), len(self.cfg.routes),
                         self.cfg.settings.profile)
             await self._stop.wait()
         finally:
+            self._stop.set()  # also when the start failed: hooks check it
             self._shutdown()
             await self._drain_tasks()
             await self.ctl.close()
@@ -150,6 +160,10 @@ class RoutesDaemon:
         self._load_kernel_state(now)
         if self.cfg.settings.failback == "stay" and self.cfg.uplinks:
             self.kernel.install_pinning()
+        else:
+            # the table is ours by name: one left by an earlier "stay" daemon (kill -9) would
+            # keep pinning flows
+            self._remove_pinning()
         for up in self.cfg.uplinks:
             self._ensure_prober(up)
         assert self._loop is not None
@@ -193,11 +207,7 @@ class RoutesDaemon:
         if self.engine is not None and self.kernel is not None:
             self.engine.stop()
             self._apply([a for a in self.engine.actions() if not isinstance(a, SendProbe)])
-            if self.cfg.settings.failback == "stay":
-                try:
-                    self.kernel.remove_pinning()
-                except NetError as exc:
-                    log.error("routes: could not remove the nftables table: %s", exc)
+            self._remove_pinning()
         if self._metrics_server is not None:
             with contextlib.suppress(Exception):
                 self._metrics_server.shutdown()
@@ -205,13 +215,39 @@ class RoutesDaemon:
             self.events.close()
         if self.kernel is not None:
             self.kernel.close()
-        log.warning("routes: stopped; every route and rule it installed is removed")
+            log.warning("routes: stopped; every route and rule it installed is removed")
+
+    def _remove_pinning(self) -> None:
+        assert self.kernel is not None
+        try:
+            self.kernel.remove_pinning()  # missing_ok: nothing to do when there is none
+        except NetError as exc:
+            level = logging.ERROR if self.cfg.settings.failback == "stay" else logging.INFO
+            log.log(level, "routes: could not remove the nftables table %s: %s",
+                    self.cfg.settings.nft_table, exc)
 
     async def _drain_tasks(self) -> None:
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=5)
-            for t in pending:
-                t.cancel()
+        """End what is still running at shutdown: hook processes the daemon started get SIGTERM,
+        then SIGKILL after HOOK_TERM_GRACE (cancelling communicate() would leave them running);
+        other tasks get DRAIN_TIMEOUT, then are cancelled."""
+        self._signal_hooks(signal.SIGTERM)
+        if not self._tasks:
+            return
+        pending = set(self._tasks)
+        if self._hook_procs:
+            _, pending = await asyncio.wait(pending, timeout=HOOK_TERM_GRACE)
+            self._signal_hooks(signal.SIGKILL)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=DRAIN_TIMEOUT)
+        for t in pending:
+            t.cancel()
+        self._signal_hooks(signal.SIGKILL)  # a hook task cancelled while starting its process
+
+    def _signal_hooks(self, sig: int) -> None:
+        for proc in list(self._hook_procs):
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(sig)  # by PID: our own child, not yet reaped
 
     # ---- probes ----------------------------------------------------------------------------
     def _ensure_prober(self, up: UplinkSpec) -> None:
@@ -512,6 +548,8 @@ class RoutesDaemon:
         env = dict(os.environ)
         env.update(dict(act.env))
         for hook in self.cfg.settings.hooks:
+            if self._stop.is_set():
+                break  # stopping: start no more hooks
             self.stats.hooks_run += 1
             try:
                 proc = await asyncio.create_subprocess_exec(
@@ -521,6 +559,7 @@ class RoutesDaemon:
                 self.stats.hook_failures += 1
                 log.warning("routes: hook %s: %s", hook, exc.strerror or exc)
                 continue
+            self._hook_procs.add(proc)
             try:
                 out, _ = await asyncio.wait_for(proc.communicate(),
                                                 self.cfg.settings.hook_timeout)
@@ -531,6 +570,12 @@ class RoutesDaemon:
                 log.warning("routes: hook %s killed after %gs", hook,
                             self.cfg.settings.hook_timeout)
                 continue
+            finally:
+                self._hook_procs.discard(proc)
+            if proc.returncode and self._stop.is_set():
+                self.stats.hook_failures += 1
+                log.warning("routes: hook %s ended at shutdown (%d)", hook, proc.returncode)
+                break
             if proc.returncode:
                 self.stats.hook_failures += 1
                 text = out.decode(errors="replace").strip().splitlines()
@@ -608,8 +653,35 @@ class RoutesDaemon:
             return
         from ipshift.routes.metrics import start_metrics
 
+        problem = config.metrics_problem(self.metrics_addr)
+        if problem:
+            raise StartupError(f"metrics: {problem}")
         host, _, port = self.metrics_addr.rpartition(":")
-        self._metrics_server = start_metrics(self, host.strip("[]"), int(port))
+        try:
+            self._metrics_server = start_metrics(self, host.strip("[]"), int(port))
+        except OSError as exc:
+            reason = "address in use" if exc.errno == errno.EADDRINUSE else (
+                exc.strerror or str(exc))
+            raise StartupError(f"metrics: cannot listen on {self.metrics_addr}: {reason}") \
+                from exc
+
+    def metrics_snapshot(self) -> tuple[dict[str, Any], Stats]:
+        """status() and a copy of the counters, both taken on the event loop (the metrics
+        thread must not iterate dicts the loop is adding keys to)."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            return self.status(), self._stats_copy()
+
+        async def get() -> tuple[dict[str, Any], Stats]:
+            return self.status(), self._stats_copy()
+
+        return asyncio.run_coroutine_threadsafe(get(), loop).result(2.0)
+
+    def _stats_copy(self) -> Stats:
+        s = self.stats
+        return replace(s, conntrack_deleted=s.conntrack_deleted.copy(),
+                       probes_sent=s.probes_sent.copy(), transitions=s.transitions.copy(),
+                       last_change=s.last_change.copy())
 
 
 async def run_daemon(cfg: RoutesConfig, *, socket_path: Path, metrics: str | None = None) -> int:

@@ -29,7 +29,9 @@ class RoutesCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         d = self.daemon
-        doc = d.status_threadsafe()  # the scrape runs on the metrics thread
+        # the scrape runs on the metrics thread: status and counters are taken on the event
+        # loop, which adds keys to the stats dicts at any time
+        doc, s = d.metrics_snapshot()
         up = GaugeMetricFamily("ipshift_routes_uplink_up", "uplink considered alive",
                                labels=["uplink"])
         rtt = GaugeMetricFamily("ipshift_routes_uplink_rtt_seconds", "mean echo RTT",
@@ -46,7 +48,6 @@ class RoutesCollector(Collector):
         yield up
         yield rtt
         yield loss
-        s = d.stats
         trans = CounterMetricFamily("ipshift_routes_uplink_transitions",
                                     "uplink state changes", labels=["uplink", "state"])
         for (name, state), n in sorted(s.transitions.items()):
