@@ -30,8 +30,8 @@ from ipshift.resend.flows import (
     FlowKey,
     PacketInfo,
     describe,
+    not_beyond_link,
     rewrite_source,
-    usable_new_address,
 )
 
 log = logging.getLogger("ipshift.resend")
@@ -246,7 +246,7 @@ class ResendEngine:
             self.counters.bad_messages += 1
             raise WakeupError("empty wakeup message; still waiting")
         for address in addresses:
-            why = usable_new_address(address)
+            why = not_beyond_link(address)
             if why is not None:
                 self.counters.bad_messages += 1
                 raise WakeupError(f"{address} cannot be the link's new address: {why}; "

@@ -63,7 +63,7 @@ def describe(data: bytes | bytearray | memoryview, *, outgoing: bool) -> PacketI
         return exc.reason
     if pkt.is_fragment:
         return None
-    if outgoing and (pkt.hop_limit <= 1 or not _resendable_destination(pkt.dst_ip)):
+    if outgoing and (pkt.hop_limit <= 1 or not_beyond_link(pkt.dst_ip) is not None):
         return None
     proto = pkt.protocol
     src, dst = str(pkt.src_ip), str(pkt.dst_ip)
@@ -90,13 +90,9 @@ def describe(data: bytes | bytearray | memoryview, *, outgoing: bool) -> PacketI
     return PacketInfo(key, (key, *extra), pkt.end - pkt.offset)
 
 
-def _resendable_destination(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return not (address.is_multicast or address.is_link_local or address.is_loopback
-                or address.is_unspecified)
-
-
-def usable_new_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    """Why `address` cannot be a link's new source address; None if it can."""
+def not_beyond_link(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why `address` does not reach beyond the link (so it can be neither a resent packet's
+    destination nor the link's new source address); None if it does."""
     if address.is_unspecified or address.is_multicast or address.is_loopback:
         return "unspecified, multicast or loopback"
     if address.is_link_local:

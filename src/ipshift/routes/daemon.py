@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -678,10 +678,9 @@ class RoutesDaemon:
         return asyncio.run_coroutine_threadsafe(get(), loop).result(2.0)
 
     def _stats_copy(self) -> Stats:
-        s = self.stats
-        return replace(s, conntrack_deleted=s.conntrack_deleted.copy(),
-                       probes_sent=s.probes_sent.copy(), transitions=s.transitions.copy(),
-                       last_change=s.last_change.copy())
+        s = self.stats  # every dict field copied, so one added later is too
+        return replace(s, **{f.name: getattr(s, f.name).copy() for f in fields(s)
+                             if isinstance(getattr(s, f.name), dict)})
 
 
 async def run_daemon(cfg: RoutesConfig, *, socket_path: Path, metrics: str | None = None) -> int:
