@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ipshift.cli import UserError
+from ipshift.ui import UserError
 
 
 def _find_checkout() -> Path:

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
-import logging.handlers
-import os
 import sys
 from collections.abc import Callable, Sequence
 
 from ipshift import __version__
+from ipshift.ui import UserError, setup_logging
 
 # Modules that add subcommands, in the order they appear in `ipshift --help`.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -25,30 +23,6 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-class UserError(Exception):
-    """A problem the user can fix; printed as one line, exit status 2."""
-
-
-def setup_logging(verbosity: int, *, syslog: bool = False) -> None:
-    """Warnings by default; each -v one level more for ipshift's own loggers (libraries such
-    as pyroute2 stay at warnings: their debug output is noise to a user)."""
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if syslog and os.path.exists("/dev/log"):
-        try:
-            handler = logging.handlers.SysLogHandler(address="/dev/log")
-            handler.setFormatter(logging.Formatter("ipshift[%(process)d]: %(message)s"))
-            handlers.append(handler)
-        except OSError:
-            pass  # no syslog daemon here: stderr is enough
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        handlers=handlers,
-        force=True,
-    )
-    logging.getLogger("ipshift").setLevel(max(logging.WARNING - 10 * verbosity, logging.DEBUG))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,11 +11,10 @@ import importlib
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
-from ipshift.cli import UserError
+from ipshift.ui import UserError, say
 
 # name -> "module:function"; each function takes (args) and returns an exit status.
 SCENARIOS: dict[str, tuple[str, str]] = {
@@ -24,12 +23,6 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "resend": ("ipshift.resend.demo", "a lookup that dials a demand link, without and with "
                                       "ip_resend"),
 }
-
-
-def say(text: str) -> None:
-    """Narration line, flushed at once so the demo reads live."""
-    stamp = time.strftime("%H:%M:%S")
-    print(f"[{stamp}] {text}", flush=True)
 
 
 def _load(name: str) -> Callable[[argparse.Namespace], int]:

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ipshift.cli import UserError
 from ipshift.ctl.client import request
 from ipshift.ctl.protocol import CtlError, socket_path
 from ipshift.ctl.render import render
+from ipshift.ui import UserError
 
 
 def _call(args: argparse.Namespace) -> int:

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ipshift.cli import UserError, setup_logging
 from ipshift.ctl import CtlError, request
 from ipshift.ctl.render import render
 from ipshift.resend.engine import ResendConfig
@@ -26,6 +25,7 @@ from ipshift.resend.wakeup import (
     send_wakeup,
     socket_from_args,
 )
+from ipshift.ui import UserError, setup_logging
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:

@@ -6,9 +6,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from ipshift.demo import say
 from ipshift.lab import Lab
 from ipshift.lab.scenarios import DialupSite
+from ipshift.ui import say
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ipshift.cli import UserError
 from ipshift.ctl.client import request
 from ipshift.ctl.protocol import CtlError, socket_path
 from ipshift.ctl.render import render, table
 from ipshift.routes import config
 from ipshift.routes.model import PROFILES, RoutesConfig
+from ipshift.ui import UserError
 
 UPLINK_COLUMNS = ("uplink", "interface", "gateway", "state", "rtt_ms", "loss_pct", "targets_up",
                   "last_change", "reason")

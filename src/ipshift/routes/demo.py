@@ -17,9 +17,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ipshift.demo import say
 from ipshift.lab import Lab
 from ipshift.lab.isps import IspSite, UdpFlows, seed_config
+from ipshift.ui import say
 
 
 def _spread(site: IspSite, flows: UdpFlows, seconds: float) -> str:

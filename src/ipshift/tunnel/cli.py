@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ipshift.cli import UserError, setup_logging
 from ipshift.tunnel.config import AddressMapping, ConfigError, Endpoint, TunnelConfig
+from ipshift.ui import UserError, setup_logging
 
 
 def config_from_args(args: argparse.Namespace) -> TunnelConfig:

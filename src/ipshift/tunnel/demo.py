@@ -7,9 +7,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ipshift.demo import say
 from ipshift.lab import Lab, LabProcess
 from ipshift.lab.scenarios import TunnelSite
+from ipshift.ui import say
 
 
 def _stream(proc: LabProcess, seconds: float) -> None:

@@ -4,9 +4,9 @@ import argparse
 
 import pytest
 
-from ipshift.cli import UserError
 from ipshift.resend.cli import _add_run_options, config_from_args
 from ipshift.resend.wakeup import WakeupFailed, default_socket, main
+from ipshift.ui import UserError
 
 
 def _parse(*argv):

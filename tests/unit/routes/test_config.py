@@ -11,7 +11,7 @@ from ipshift.routes import config
 from ipshift.routes.config import ConfigError
 from ipshift.routes.iproute import Parser, logical_lines, parse_commands
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "routes"
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "routes"
 TABLES = {"main": 254, "default": 253, "local": 255}
 
 SEED_MASQUERADE = """

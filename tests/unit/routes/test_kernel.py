@@ -27,7 +27,7 @@ from ipshift.routes.kernel import (
 )
 from ipshift.routes.plan import FlushConntrack, KNexthop, KRoute, KRule
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TABLES = {"main": 254, "default": 253, "local": 255}
 GW1 = ipaddress.ip_address("198.51.100.1")
 GW2 = ipaddress.ip_address("203.0.113.1")

@@ -14,7 +14,7 @@ from scapy.layers.inet import TCP, UDP
 
 from ipshift.packet import vnet
 from ipshift.tunnel import batch, gso
-from tests.unit.test_tunnel_support import (
+from tests.unit.tunnel.test_support import (
     assert_checksums_valid,
     complete_write,
     gso_type_for,

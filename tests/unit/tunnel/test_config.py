@@ -7,9 +7,9 @@ import ipaddress
 
 import pytest
 
-from ipshift.cli import UserError
 from ipshift.tunnel.cli import config_from_args, register
 from ipshift.tunnel.config import AddressMapping, ConfigError, Endpoint, TunnelConfig
+from ipshift.ui import UserError
 
 A = Endpoint.parse("192.0.2.1:4789")
 B = Endpoint.parse("192.0.2.2:4789")

@@ -19,8 +19,8 @@ from ipshift.packet import vnet
 from ipshift.tunnel import Counters, Forwarder, QueuePump, batch, wire
 from ipshift.tunnel.config import AddressMapping
 from ipshift.tunnel.rewrite import AddressRewriter
-from tests.unit.test_tunnel_batch import encode
-from tests.unit.test_tunnel_support import (
+from tests.unit.tunnel.test_batch import encode
+from tests.unit.tunnel.test_support import (
     assert_checksums_valid,
     complete_write,
     gso_type_for,

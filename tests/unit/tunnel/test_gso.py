@@ -15,7 +15,7 @@ from scapy.layers.inet6 import IPv6
 
 from ipshift.packet import vnet
 from ipshift.tunnel import gso, wire
-from tests.unit.test_tunnel_support import (
+from tests.unit.tunnel.test_support import (
     assert_checksums_valid,
     batch,
     complete,

@@ -12,7 +12,7 @@ from ipshift.packet import complete_partial_checksum, vnet
 from ipshift.tunnel import Counters
 from ipshift.tunnel.config import AddressMapping
 from ipshift.tunnel.rewrite import AddressRewriter
-from tests.unit.test_tunnel_support import (
+from tests.unit.tunnel.test_support import (
     assert_checksums_valid,
     batch,
     complete,
