@@ -185,11 +185,11 @@ def test_gso_max_size_follows_ip_forwarding(pair: tuple[Node, Node, Path]) -> No
     host_limit = 64576  # 44 chunks of 1468 bytes, the stream's 16-byte meta included
     try:
         assert gso_max_size(a, "tun-f") == host_limit
-        fields = status(a, socket)["fields"]
+        fields = status(a, socket)["tunnel"]
         assert isinstance(fields, dict) and fields["gso_max_size"] == host_limit
         a.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         assert settles(a, "tun-f", 0x10000), proc.stderr()
-        fields = status(a, socket)["fields"]
+        fields = status(a, socket)["tunnel"]
         assert isinstance(fields, dict) and fields["gso_max_size"] == 0x10000
         assert "IP forwarding is on" in proc.stderr()
         a.run(["sysctl", "-qw", "net.ipv4.ip_forward=0"])
@@ -206,7 +206,7 @@ def test_a_busy_name_is_a_clear_error(pair: tuple[Node, Node, Path]) -> None:
         proc = a.spawn([*TUNNEL, "run", "--dev", "busy0", "--local", "192.0.2.1:4789",
                         "--remote", "192.0.2.2:4789", "--socket", str(tmp / "busy.sock")],
                        name="tunnel-busy")
-        assert proc.wait(timeout=20) == 1
+        assert proc.wait(timeout=20) == 2
         assert "busy0" in proc.stderr() and "pick another --dev" in proc.stderr()
     finally:
         a.ip("link", "del", "busy0")

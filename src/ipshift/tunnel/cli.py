@@ -8,8 +8,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ipshift.daemon.cli import (
+    add_control_commands,
+    add_run_options,
+    options_from_args,
+    start_logging,
+)
 from ipshift.tunnel.config import AddressMapping, ConfigError, Endpoint, TunnelConfig
-from ipshift.ui import UserError, setup_logging
+from ipshift.ui import UserError
 
 
 def config_from_args(args: argparse.Namespace) -> TunnelConfig:
@@ -55,22 +61,16 @@ def _run(args: argparse.Namespace) -> int:
     from ipshift.tunnel.daemon import run_daemon
 
     config = config_from_args(args)
+    options = options_from_args(args, socket=_socket_path(args))
     if os.geteuid() != 0:
         raise UserError("the tunnel creates a TUN device: run it as root")
-    setup_logging(args.verbose + 1, syslog=True)
-    return run_daemon(config, socket_path=_socket_path(args))
+    start_logging(args, args.verbose, "ipshift-tunnel")
+    return run_daemon(config, socket_path=options.socket, metrics=options.metrics)
 
 
-def _status(args: argparse.Namespace) -> int:
-    from ipshift.ctl import CtlError, request
-    from ipshift.ctl.render import render
-
-    try:
-        doc = request(_socket_path(args), "status")
-    except CtlError as exc:
-        raise UserError(exc.message) from exc
-    print(render(doc, as_json=args.json))
-    return 0
+def _add_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dev", required=True, metavar="NAME", help="the tunnel's TUN device")
+    p.add_argument("--socket", metavar="PATH", help="control socket, if not the default")
 
 
 def register(sub: Any) -> None:
@@ -81,9 +81,9 @@ def register(sub: Any) -> None:
     run = ts.add_parser(
         "run",
         help="create the TUN device and forward until SIGTERM/SIGINT (foreground)",
-        description="Create TUN device DEV and carry its packets to the peer over UDP, one "
-        "inner packet per datagram (docs/tunnel.md). Foreground; logs to stderr and syslog; "
-        "SIGUSR1 logs the counters.",
+        description="Create TUN device DEV and carry its packets to the peer over UDP; TSO "
+        "super-packets cross whole in MTU-sized chunks (docs/tunnel.md). Foreground; logs to "
+        "stderr and syslog; SIGUSR1 logs the status; `ipshift tunnel stop --dev DEV` ends it.",
     )
     run.add_argument("--dev", required=True, metavar="NAME", help="TUN device to create")
     run.add_argument("--local", required=True, metavar="ADDR:PORT",
@@ -111,9 +111,6 @@ def register(sub: Any) -> None:
                           "back to OLD leaving it (repeatable)")
     run.add_argument("--socket", metavar="PATH",
                      help="control socket (default /run/ipshift/tunnel-DEV.sock)")
+    add_run_options(run)
     run.set_defaults(handler=_run)
-    st = ts.add_parser("status", help="show a running tunnel's counters")
-    st.add_argument("--dev", required=True, metavar="NAME")
-    st.add_argument("--socket", metavar="PATH", help="control socket, if not the default")
-    st.add_argument("--json", action="store_true", help="machine-readable output")
-    st.set_defaults(handler=_status)
+    add_control_commands(ts, "tunnel", _add_target, _socket_path)

@@ -2,7 +2,8 @@
 
 Kernel objects it owns: the TUN device (non-persistent, so it disappears with the process even
 after kill -9, taking its addresses and routes along) and the control socket
-/run/ipshift/tunnel-<dev>.sock (a stale one is replaced on start).
+/run/ipshift/tunnel-<dev>.sock (a stale one is replaced on start). As a daemon it runs on the
+runtime (`TunnelService`, ipshift.daemon): one instance per device name and namespace.
 
 Workers: one queue is forwarded by a thread of this process; with --queues N (IFF_MULTI_QUEUE)
 each queue gets a worker process of its own, because the GIL would serialise threads. The
@@ -12,7 +13,6 @@ apart in the underlay too. Workers publish their counters into shared memory twi
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import logging
 import multiprocessing
@@ -25,6 +25,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ipshift.daemon import (
+    TUN_DEVICE,
+    DaemonOptions,
+    Metric,
+    Runtime,
+    StartError,
+    counter,
+    run_service,
+)
 from ipshift.net import netns, tun, udp
 from ipshift.net.errors import NetError
 from ipshift.net.netlink import Netlink, Route
@@ -254,8 +263,7 @@ class TunnelDaemon:
     def status(self) -> dict[str, Any]:
         config = self.config
         return {
-            "name": f"tunnel {config.dev}",
-            "fields": {
+            "tunnel": {
                 "device": config.dev,
                 "local": str(config.local),
                 "remote": str(config.remote),
@@ -329,65 +337,69 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def run_daemon(config: TunnelConfig, *, socket_path: Path | None) -> int:
-    """Foreground tunnel for the CLI: until SIGTERM/SIGINT; status on the control socket and,
-    as a log line, on SIGUSR1. Returns the exit status."""
-    from ipshift.ctl import CtlError
-    from ipshift.ctl.server import CtlServer, prepare_socket_path
+class TunnelService:
+    """The tunnel as a daemon on the runtime (ipshift.daemon): `ipshift tunnel run`."""
 
-    if socket_path is not None:
-        # Before touching the device: a second instance must not reconfigure the first.
+    component = "tunnel"
+    adopts = frozenset({TUN_DEVICE})  # a device dies with its holder: nothing to remove
+
+    def __init__(self, config: TunnelConfig) -> None:
+        self.config = config
+        self.instance = config.dev
+        self.netns = config.netns
+        self.daemon: TunnelDaemon | None = None
+        self._rt: Runtime | None = None
+
+    async def start(self, rt: Runtime) -> None:
+        self._rt = rt
+        rt.record.settled(TUN_DEVICE)
+        daemon = TunnelDaemon(self.config)
         try:
-            prepare_socket_path(socket_path)
-        except CtlError as exc:
-            log.error("%s", exc.message)
-            return 2
-    daemon = TunnelDaemon(config)
-    try:
-        daemon.open()
-        daemon.start()
-    except TunnelError as exc:
-        daemon.close()
-        log.error("%s", exc)
-        return 1
-
-    async def serve() -> int:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(
-            signal.SIGUSR1, lambda: log.warning("status %s", daemon.counters().as_dict())
-        )
-        ctl: CtlServer | None = None
-        if socket_path is not None:
-            ctl = CtlServer(socket_path, name=ctl_name(config.dev))
-            ctl.method("status", lambda params: daemon.status())
-            try:
-                await ctl.start()
-            except CtlError as exc:
-                log.error("%s", exc.message)
-                return 2
+            daemon.open()
+            rt.record.add(TUN_DEVICE, self.config.dev)
+            daemon.start()
+        except TunnelError as exc:
+            daemon.close()
+            rt.record.discard(TUN_DEVICE, self.config.dev)
+            raise StartError(str(exc)) from exc
+        self.daemon = daemon
+        rt.every(1.0, self._check, "following IP forwarding")
+        config = self.config
         log.info("tunnel %s up: %s <-> %s, MTU %d, %d queue(s)", config.dev, config.local,
                  config.remote, daemon.mtu, config.queues)
-        try:
-            while not stop.is_set():
-                try:
-                    await asyncio.wait_for(stop.wait(), 1.0)
-                except TimeoutError:
-                    daemon.follow_forwarding()
-                    if not daemon.alive():
-                        log.error("tunnel %s: forwarding stopped unexpectedly", config.dev)
-                        return 1
-            return 0
-        finally:
-            if ctl is not None:
-                await ctl.close()
 
-    try:
-        status = asyncio.run(serve())
-    finally:
-        counters = daemon.counters()
-        daemon.close()
-        log.info("tunnel %s down; %s", config.dev, counters.as_dict())
-    return status
+    def _check(self) -> None:
+        assert self.daemon is not None and self._rt is not None
+        if not self.daemon.alive():
+            self._rt.fail("forwarding stopped unexpectedly")
+            return
+        self.daemon.follow_forwarding()
+
+    async def stop(self) -> None:
+        if self.daemon is None:
+            return
+        counters = self.daemon.counters()
+        self.daemon.close()
+        self.daemon = None
+        if self._rt is not None:
+            self._rt.record.discard(TUN_DEVICE, self.config.dev)
+        log.info("tunnel %s down; %s", self.config.dev, counters.as_dict())
+
+    def status(self) -> dict[str, Any]:
+        if self.daemon is None:
+            return {}
+        return self.daemon.status()
+
+    def metrics(self) -> list[Metric]:
+        if self.daemon is None:
+            return []
+        dev = self.config.dev
+        return [counter(f"ipshift_tunnel_{name}", value, f"tunnel {name.replace('_', ' ')}",
+                        dev=dev)
+                for name, value in self.daemon.counters().as_dict().items()]
+
+
+def run_daemon(config: TunnelConfig, *, socket_path: Path | None,
+               metrics: str | None = None) -> int:
+    """Foreground tunnel for the CLI: until SIGTERM/SIGINT or `ipshift tunnel stop`."""
+    return run_service(TunnelService(config), DaemonOptions(socket=socket_path, metrics=metrics))
