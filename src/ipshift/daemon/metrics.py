@@ -62,22 +62,28 @@ class MetricsError(Exception):
 def serve(address: str, snapshot: Callable[[], Iterable[Metric]]) -> Any:
     """Start the HTTP exporter on a thread; returns the server (call .shutdown())."""
     from prometheus_client import start_http_server
-    from prometheus_client.registry import CollectorRegistry
 
     problem = address_problem(address)
     if problem:
         raise MetricsError(problem)
     host, _, port = address.rpartition(":")
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(snapshot))
     try:
         server, _thread = start_http_server(int(port), addr=host.strip("[]"),
-                                            registry=registry)
+                                            registry=registry(snapshot))
     except OSError as exc:
         reason = "address in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or
                                                                         str(exc))
         raise MetricsError(f"metrics: cannot listen on {address}: {reason}") from exc
     return server
+
+
+def registry(snapshot: Callable[[], Iterable[Metric]]) -> Any:
+    """A prometheus-client registry that collects `snapshot()` at each scrape."""
+    from prometheus_client.registry import CollectorRegistry
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Collector(snapshot))
+    return reg
 
 
 class _Collector:

@@ -71,6 +71,7 @@ class Service(Protocol):
 class DaemonOptions:
     socket: Path | None = None  # control socket (default: <run dir>/<component>-<name>.sock)
     metrics: str | None = None  # ADDRESS:PORT for Prometheus, or None
+    run_dir: Path | None = None  # locks and owned-state records (default: /run/ipshift)
 
 
 class Runtime:
@@ -302,8 +303,11 @@ def default_socket(component: str, name: str) -> Path:
 def run_service(service: Service, options: DaemonOptions) -> int:
     """Run `service` until it is told to stop; the exit status. Problems found before the
     service runs raise UserError (one line, exit 2)."""
+    from ipshift.ctl import protocol
+
     try:
-        instance = Instance(service.component, service.instance, service.netns)
+        instance = Instance(service.component, service.instance, service.netns,
+                            options.run_dir or protocol.DEFAULT_DIR)
     except InstanceError as exc:
         raise UserError(str(exc)) from exc
     sock = options.socket or default_socket(service.component, service.instance)

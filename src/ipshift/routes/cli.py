@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from ipshift.ctl.client import request
-from ipshift.ctl.protocol import CtlError, socket_path
+from ipshift.ctl.protocol import socket_path
 from ipshift.ctl.render import render, table
+from ipshift.daemon import run_service
+from ipshift.daemon.cli import (
+    add_run_options,
+    call,
+    options_from_args,
+    start_logging,
+    stop_instance,
+)
 from ipshift.routes import config
 from ipshift.routes.model import PROFILES, RoutesConfig
 from ipshift.ui import UserError
@@ -49,16 +54,14 @@ def _run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise UserError("the routes daemon changes routes and sends raw probes: run it as root")
     cfg = _load(args)
-    from ipshift.routes.daemon import RoutesDaemon, StartupError
+    from ipshift.routes.daemon import RoutesDaemon
 
     path = Path(args.socket) if args.socket else socket_path(cfg.settings.name)
-    daemon = RoutesDaemon(cfg, socket_path=path, metrics=args.metrics)
+    metrics = args.metrics if args.metrics is not None else cfg.settings.metrics
+    options = options_from_args(argparse.Namespace(metrics=metrics), socket=path)
+    start_logging(args, args.verbose, "ipshift-routes")
     try:
-        return asyncio.run(daemon.run())
-    except CtlError as exc:
-        raise UserError(exc.message) from exc
-    except StartupError as exc:
-        raise UserError(str(exc)) from exc
+        return run_service(RoutesDaemon(cfg), options)
     except PermissionError as exc:
         raise UserError(f"permission denied: {exc.strerror} (run as root)") from exc
 
@@ -81,10 +84,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    try:
-        doc: Any = request(_socket(args), "status")
-    except CtlError as exc:
-        raise UserError(exc.message) from exc
+    doc: Any = call(_socket(args), "status")
     if args.json:
         print(render(doc, as_json=True))
         return 0
@@ -103,18 +103,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    path = _socket(args)
-    try:
-        request(path, "stop")
-    except CtlError as exc:
-        raise UserError(exc.message) from exc
-    deadline = time.monotonic() + args.timeout
-    while path.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if path.exists():
-        raise UserError(f"the daemon on {path} did not stop within {args.timeout:g}s")
-    print("stopped")
-    return 0
+    return stop_instance(_socket(args), args.timeout)
 
 
 def register(sub: Any) -> None:
@@ -127,8 +116,8 @@ def register(sub: Any) -> None:
     run = rs.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("-c", "--config", required=True, help="TOML file or iproute2 command lines")
     run.add_argument("--socket", help="control socket (default /run/ipshift/<name>.sock)")
-    run.add_argument("--metrics", help="serve Prometheus metrics on ADDRESS:PORT")
     run.add_argument("--profile", choices=sorted(PROFILES), help="probe profile for all uplinks")
+    add_run_options(run)
     run.set_defaults(handler=_run)
 
     chk = rs.add_parser("check", help="validate a configuration, one line per problem")

@@ -1,10 +1,13 @@
-"""`ipshift routes run`: the asyncio adapter around RoutesEngine.
+"""`ipshift routes run`: the asyncio adapter around RoutesEngine, a service on the daemon
+runtime (ipshift.daemon: single instance per name and namespace, control socket, metrics,
+signals, systemd readiness).
 
 It feeds the engine from netlink (links, addresses, routes, rules, neighbours), from the probe
 sockets of each uplink and from the clock, and applies the engine's actions at once: kernel
 routes and rules, then conntrack deletions, then hooks. Start reconciles with what the kernel
 holds (idempotent; a kill -9 and restart leaves nothing stale and nothing doubled); SIGTERM or
-`ipshift routes stop` removes everything the daemon installed.
+`ipshift routes stop` removes everything the daemon installed. The engine is driven by the
+runtime's EnginePump: events in, actions applied in `_apply`, one timer.
 """
 
 from __future__ import annotations
@@ -18,11 +21,10 @@ import os
 import signal
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-from ipshift.ctl.server import CtlServer
+from ipshift.daemon import ROUTE_PROTOCOL, EnginePump, Metric, Runtime, StartError
 from ipshift.net.errors import NetError
 from ipshift.net.netlink import (
     Address,
@@ -34,7 +36,6 @@ from ipshift.net.netlink import (
     Rule,
 )
 from ipshift.net.probe import ArpSocket, EchoSocket, NeighbourSolicitSocket, close_all
-from ipshift.routes import config
 from ipshift.routes.detect import SendProbe, UplinkChanged
 from ipshift.routes.engine import Action, RoutesEngine
 from ipshift.routes.kernel import KernelAdapter, from_route, from_rule
@@ -53,10 +54,6 @@ log = logging.getLogger("ipshift.routes")
 
 HOOK_TERM_GRACE = 1.0  # seconds a hook gets after SIGTERM at shutdown before SIGKILL
 DRAIN_TIMEOUT = 5.0  # seconds other pending work (conntrack deletions) gets at shutdown
-
-
-class StartupError(RuntimeError):
-    """The daemon cannot start (e.g. the metrics port is taken); str() is one line."""
 
 
 @dataclass
@@ -94,62 +91,56 @@ class Stats:
 
 
 class RoutesDaemon:
-    def __init__(self, cfg: RoutesConfig, *, socket_path: Path, metrics: str | None = None,
-                 netns: str | None = None) -> None:
+    """The routes daemon as a runtime service (`component`, `instance`, `start`, `stop`,
+    `status`, `metrics`)."""
+
+    component = "routes"
+    adopts = frozenset({ROUTE_PROTOCOL})  # owned routes and rules are handed to the engine
+
+    def __init__(self, cfg: RoutesConfig, *, netns: str | None = None) -> None:
         self.cfg = cfg
-        self.socket_path = socket_path
-        self.metrics_addr = metrics if metrics is not None else cfg.settings.metrics
+        self.instance = cfg.settings.name
         self.netns = netns
         self.stats = Stats()
-        self.ctl = CtlServer(socket_path, name=cfg.settings.name)
-        self.ctl.method("status", lambda params: self.status())
-        self.ctl.method("stop", self._ctl_stop)
-        self._stop = asyncio.Event()
+        self._rt: Runtime | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self.pump: EnginePump | None = None
         self._probers: dict[str, _Prober] = {}
         self._addrs: dict[str, set[IPInterface]] = {}
         self._links: dict[str, Link] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._hook_procs: set[asyncio.subprocess.Process] = set()
         self.kernel: KernelAdapter | None = None
         self.engine: RoutesEngine | None = None
         self.events: NetlinkEvents | None = None
-        self._metrics_server: Any = None
         self.ready = False
 
     # ---- lifecycle -------------------------------------------------------------------------
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        await self.ctl.start()  # refuses to start when another instance answers
+    @property
+    def stopping(self) -> bool:
+        return self._rt is None or self._rt.stopping
+
+    async def start(self, rt: Runtime) -> None:
+        self._rt = rt
+        self._loop = rt.loop
+        rt.record.settled(ROUTE_PROTOCOL)  # the kernel itself says what is owned (by protocol)
+        rt.record.add(ROUTE_PROTOCOL, str(self.cfg.settings.protocol))
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.add_signal_handler(sig, self._stop.set)
-            self._start_metrics()  # a taken port fails the start before the kernel is touched
-            self._start_kernel(loop.time())
-            self.ready = True
-            log.warning("routes: running with %d uplinks, %d rules, %d routes (profile %s)",
-                        len(self.cfg.uplinks), len(self.cfg.rules), len(self.cfg.routes),
-                        self.cfg.settings.profile)
-            await self._stop.wait()
-        finally:
-            self._stop.set()  # also when the start failed: hooks check it
-            self._shutdown()
-            await self._drain_tasks()
-            await self.ctl.close()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
-        return 0
+            self._start_kernel(rt.loop.time())
+        except NetError as exc:
+            raise StartError(f"routes: {exc}") from exc
+        assert self.engine is not None
+        self.pump = EnginePump(rt.loop, self.engine, self._apply)
+        self.pump.run()
+        self.ready = True
+        log.info("routes: running with %d uplinks, %d rules, %d routes (profile %s)",
+                 len(self.cfg.uplinks), len(self.cfg.rules), len(self.cfg.routes),
+                 self.cfg.settings.profile)
 
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _ctl_stop(self, params: dict[str, Any]) -> dict[str, Any]:
-        assert self._loop is not None
-        self._loop.call_soon(self._stop.set)
-        return {"stopping": True}
+    async def stop(self) -> None:
+        self._shutdown()
+        await self._drain_tasks()
+        if self._rt is not None and self.kernel is not None:
+            self._rt.record.discard(ROUTE_PROTOCOL, str(self.cfg.settings.protocol))
 
     def _start_kernel(self, now: float) -> None:
         t0 = time.monotonic()
@@ -196,8 +187,8 @@ class RoutesDaemon:
         self.engine.planner.rules = set(self.kernel.owned_rules())
 
     def _shutdown(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        if self.pump is not None:
+            self.pump.stop()
         if self._loop is not None and self.events is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self.events.fileno())
@@ -208,14 +199,11 @@ class RoutesDaemon:
             self.engine.stop()
             self._apply([a for a in self.engine.actions() if not isinstance(a, SendProbe)])
             self._remove_pinning()
-        if self._metrics_server is not None:
-            with contextlib.suppress(Exception):
-                self._metrics_server.shutdown()
         if self.events is not None:
             self.events.close()
         if self.kernel is not None:
             self.kernel.close()
-            log.warning("routes: stopped; every route and rule it installed is removed")
+            log.info("routes: stopped; every route and rule it installed is removed")
 
     def _remove_pinning(self) -> None:
         assert self.kernel is not None
@@ -229,18 +217,14 @@ class RoutesDaemon:
     async def _drain_tasks(self) -> None:
         """End what is still running at shutdown: hook processes the daemon started get SIGTERM,
         then SIGKILL after HOOK_TERM_GRACE (cancelling communicate() would leave them running);
-        other tasks get DRAIN_TIMEOUT, then are cancelled."""
+        other tasks (conntrack deletions) get DRAIN_TIMEOUT, then are cancelled."""
         self._signal_hooks(signal.SIGTERM)
-        if not self._tasks:
+        if self._rt is None:
             return
-        pending = set(self._tasks)
         if self._hook_procs:
-            _, pending = await asyncio.wait(pending, timeout=HOOK_TERM_GRACE)
+            await self._rt.drain_tasks(HOOK_TERM_GRACE)
             self._signal_hooks(signal.SIGKILL)
-        if pending:
-            _, pending = await asyncio.wait(pending, timeout=DRAIN_TIMEOUT)
-        for t in pending:
-            t.cancel()
+        await self._rt.drain_tasks(DRAIN_TIMEOUT)
         self._signal_hooks(signal.SIGKILL)  # a hook task cancelled while starting its process
 
     def _signal_hooks(self, sig: int) -> None:
@@ -408,30 +392,11 @@ class RoutesDaemon:
 
     # ---- actions ---------------------------------------------------------------------------
     def _pump(self, now: float) -> None:
-        assert self.engine is not None
-        self._apply(self.engine.actions())
-
-    def _on_timer(self) -> None:
-        assert self.engine is not None and self._loop is not None
-        self._timer = None
-        self._timer_at = None
-        now = self._loop.time()
-        self.engine.handle_timer(now)
-        self._apply(self.engine.actions())
-
-    def _reschedule(self) -> None:
-        assert self.engine is not None and self._loop is not None
-        if self._stop.is_set():
-            return
-        at = self.engine.next_timer()
-        if at == self._timer_at and self._timer is not None:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_at = at
-        if at is not None:
-            self._timer = self._loop.call_at(at, self._on_timer)
+        if self.pump is not None:
+            self.pump.run()
+        else:  # still starting: the pump drains and arms the timer once start is done
+            assert self.engine is not None
+            self._apply(self.engine.actions())
 
     def _apply(self, actions: Iterable[Action]) -> None:
         assert self.engine is not None and self.kernel is not None and self._loop is not None
@@ -463,7 +428,6 @@ class RoutesDaemon:
             self._route_ops(routes, self._loop.time())
         if changed_at is not None:
             self._note_apply(changed_at)
-        self._reschedule()
 
     def _route_ops(self, ops: list[InstallRoute | RemoveRoute], now: float) -> None:
         assert self.engine is not None and self.kernel is not None and self._loop is not None
@@ -523,15 +487,11 @@ class RoutesDaemon:
         key = (act.uplink, act.state)
         self.stats.transitions[key] = self.stats.transitions.get(key, 0) + 1
         self.stats.last_change[act.uplink] = time.time()
-        if act.previous == "unknown" and act.state == "up":
-            log.info("routes: uplink %s up (%s)", act.uplink, act.reason)
-        else:
-            log.warning("routes: uplink %s %s (%s)", act.uplink, act.state, act.reason)
+        log.info("routes: uplink %s %s (%s)", act.uplink, act.state, act.reason)
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        assert self._rt is not None
+        self._rt.spawn(coro, "routes task")
 
     async def _flush(self, act: FlushConntrack) -> None:
         assert self.kernel is not None and self._loop is not None
@@ -542,13 +502,13 @@ class RoutesDaemon:
             return
         self.stats.conntrack_deleted[act.uplink] = \
             self.stats.conntrack_deleted.get(act.uplink, 0) + n
-        log.warning("routes: deleted %d conntrack entries of uplink %s", n, act.uplink)
+        log.info("routes: deleted %d conntrack entries of uplink %s", n, act.uplink)
 
     async def _hooks(self, act: RunHook) -> None:
         env = dict(os.environ)
         env.update(dict(act.env))
         for hook in self.cfg.settings.hooks:
-            if self._stop.is_set():
+            if self.stopping:
                 break  # stopping: start no more hooks
             self.stats.hooks_run += 1
             try:
@@ -572,7 +532,7 @@ class RoutesDaemon:
                 continue
             finally:
                 self._hook_procs.discard(proc)
-            if proc.returncode and self._stop.is_set():
+            if proc.returncode and self.stopping:
                 self.stats.hook_failures += 1
                 log.warning("routes: hook %s ended at shutdown (%d)", hook, proc.returncode)
                 break
@@ -585,7 +545,7 @@ class RoutesDaemon:
     # ---- status and metrics ----------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         if self.engine is None or self._loop is None:
-            return {"daemon": {"name": self.cfg.settings.name, "state": "starting"}}
+            return {"daemon": {"state": "starting"}}
         now = self._loop.time()
         wall = time.time()
         uplinks = []
@@ -616,10 +576,7 @@ class RoutesDaemon:
         s = self.stats
         return {
             "daemon": {
-                "name": self.cfg.settings.name,
                 "config": self.cfg.source,
-                "pid": os.getpid(),
-                "uptime_s": round(wall - s.started, 1),
                 "protocol": self.cfg.settings.protocol,
                 "failback": self.cfg.settings.failback,
                 "routes_applied": s.routes_applied,
@@ -637,52 +594,8 @@ class RoutesDaemon:
             "routes": self.engine.planner.route_rows(),
         }
 
-    def status_threadsafe(self, timeout: float = 2.0) -> dict[str, Any]:
-        """status() from another thread (the metrics server): computed on the event loop."""
-        loop = self._loop
-        if loop is None or not loop.is_running():
-            return self.status()
+    def metrics(self) -> list[Metric]:
+        from ipshift.routes.metrics import routes_metrics
 
-        async def get() -> dict[str, Any]:
-            return self.status()
-
-        return asyncio.run_coroutine_threadsafe(get(), loop).result(timeout)
-
-    def _start_metrics(self) -> None:
-        if not self.metrics_addr:
-            return
-        from ipshift.routes.metrics import start_metrics
-
-        problem = config.metrics_problem(self.metrics_addr)
-        if problem:
-            raise StartupError(f"metrics: {problem}")
-        host, _, port = self.metrics_addr.rpartition(":")
-        try:
-            self._metrics_server = start_metrics(self, host.strip("[]"), int(port))
-        except OSError as exc:
-            reason = "address in use" if exc.errno == errno.EADDRINUSE else (
-                exc.strerror or str(exc))
-            raise StartupError(f"metrics: cannot listen on {self.metrics_addr}: {reason}") \
-                from exc
-
-    def metrics_snapshot(self) -> tuple[dict[str, Any], Stats]:
-        """status() and a copy of the counters, both taken on the event loop (the metrics
-        thread must not iterate dicts the loop is adding keys to)."""
-        loop = self._loop
-        if loop is None or not loop.is_running():
-            return self.status(), self._stats_copy()
-
-        async def get() -> tuple[dict[str, Any], Stats]:
-            return self.status(), self._stats_copy()
-
-        return asyncio.run_coroutine_threadsafe(get(), loop).result(2.0)
-
-    def _stats_copy(self) -> Stats:
-        s = self.stats  # every dict field copied, so one added later is too
-        return replace(s, **{f.name: getattr(s, f.name).copy() for f in fields(s)
-                             if isinstance(getattr(s, f.name), dict)})
-
-
-async def run_daemon(cfg: RoutesConfig, *, socket_path: Path, metrics: str | None = None) -> int:
-    daemon = RoutesDaemon(cfg, socket_path=socket_path, metrics=metrics)
-    return await daemon.run()
+        metrics: list[Metric] = routes_metrics(self.status(), self.stats)
+        return metrics

@@ -1,4 +1,6 @@
-"""Prometheus metrics of the routes daemon, read from its state at scrape time.
+"""Prometheus metrics of the routes daemon, read from its state at scrape time (the runtime
+takes them on the event loop and serves them with `--metrics`; `ipshift ctl NAME metrics`
+shows the same values):
 
     ipshift_routes_uplink_up{uplink}                      1 up, 0 down (unknown counts as up)
     ipshift_routes_uplink_rtt_seconds{uplink}             mean echo RTT over the window
@@ -13,79 +15,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector, CollectorRegistry
+from ipshift.daemon import Metric, counter, gauge
 
 if TYPE_CHECKING:
-    from ipshift.routes.daemon import RoutesDaemon
+    from ipshift.routes.daemon import Stats
 
 
-class RoutesCollector(Collector):
-    def __init__(self, daemon: RoutesDaemon):
-        self.daemon = daemon
-
-    def collect(self) -> Iterator[Any]:
-        d = self.daemon
-        # the scrape runs on the metrics thread: status and counters are taken on the event
-        # loop, which adds keys to the stats dicts at any time
-        doc, s = d.metrics_snapshot()
-        up = GaugeMetricFamily("ipshift_routes_uplink_up", "uplink considered alive",
-                               labels=["uplink"])
-        rtt = GaugeMetricFamily("ipshift_routes_uplink_rtt_seconds", "mean echo RTT",
-                                labels=["uplink"])
-        loss = GaugeMetricFamily("ipshift_routes_uplink_loss_ratio", "probe loss over the window",
-                                 labels=["uplink"])
-        for row in doc.get("uplinks", []):
-            name = str(row["uplink"])
-            up.add_metric([name], 0.0 if row["state"] == "down" else 1.0)
-            if row["rtt_ms"] is not None:
-                rtt.add_metric([name], float(row["rtt_ms"]) / 1000.0)
-            if row["loss_pct"] is not None:
-                loss.add_metric([name], float(row["loss_pct"]) / 100.0)
-        yield up
-        yield rtt
-        yield loss
-        trans = CounterMetricFamily("ipshift_routes_uplink_transitions",
-                                    "uplink state changes", labels=["uplink", "state"])
-        for (name, state), n in sorted(s.transitions.items()):
-            trans.add_metric([name, state], n)
-        yield trans
-        probes = CounterMetricFamily("ipshift_routes_probes_sent", "probes sent",
-                                     labels=["uplink", "kind"])
-        for (name, kind), n in sorted(s.probes_sent.items()):
-            probes.add_metric([name, kind], n)
-        yield probes
-        ct = CounterMetricFamily("ipshift_routes_conntrack_deleted",
-                                 "conntrack entries deleted on failover", labels=["uplink"])
-        for name, n in sorted(s.conntrack_deleted.items()):
-            ct.add_metric([name], n)
-        yield ct
-        ops = CounterMetricFamily("ipshift_routes_kernel_operations",
-                                  "routes and rules changed", labels=["kind"])
-        ops.add_metric(["route"], s.routes_applied)
-        ops.add_metric(["rule"], s.rules_applied)
-        yield ops
-        errs = CounterMetricFamily("ipshift_routes_kernel_errors", "failed kernel operations")
-        errs.add_metric([], s.kernel_errors)
-        yield errs
-        apply_max = GaugeMetricFamily("ipshift_routes_apply_seconds_max",
-                                      "worst time from a verdict to the kernel change")
-        apply_max.add_metric([], s.max_apply_ms / 1000.0)
-        yield apply_max
-
-
-def registry_for(daemon: RoutesDaemon) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(RoutesCollector(daemon))
-    return registry
-
-
-def start_metrics(daemon: RoutesDaemon, host: str, port: int) -> Any:
-    from prometheus_client import start_http_server
-
-    server, _thread = start_http_server(port, addr=host or "127.0.0.1",
-                                        registry=registry_for(daemon))
-    return server
+def routes_metrics(doc: dict[str, Any], s: Stats) -> list[Metric]:
+    """The metrics of a status document and the daemon's counters."""
+    out: list[Metric] = []
+    for row in doc.get("uplinks", []):
+        name = str(row["uplink"])
+        out.append(gauge("ipshift_routes_uplink_up", 0.0 if row["state"] == "down" else 1.0,
+                         "uplink considered alive", uplink=name))
+        if row["rtt_ms"] is not None:
+            out.append(gauge("ipshift_routes_uplink_rtt_seconds",
+                             float(row["rtt_ms"]) / 1000.0, "mean echo RTT", uplink=name))
+        if row["loss_pct"] is not None:
+            out.append(gauge("ipshift_routes_uplink_loss_ratio",
+                             float(row["loss_pct"]) / 100.0, "probe loss over the window",
+                             uplink=name))
+    for (name, state), n in sorted(s.transitions.items()):
+        out.append(counter("ipshift_routes_uplink_transitions", n, "uplink state changes",
+                           uplink=name, state=state))
+    for (name, kind), n in sorted(s.probes_sent.items()):
+        out.append(counter("ipshift_routes_probes_sent", n, "probes sent", uplink=name,
+                           kind=kind))
+    for name, n in sorted(s.conntrack_deleted.items()):
+        out.append(counter("ipshift_routes_conntrack_deleted", n,
+                           "conntrack entries deleted on failover", uplink=name))
+    out.append(counter("ipshift_routes_kernel_operations", s.routes_applied,
+                       "routes and rules changed", kind="route"))
+    out.append(counter("ipshift_routes_kernel_operations", s.rules_applied,
+                       "routes and rules changed", kind="rule"))
+    out.append(counter("ipshift_routes_kernel_errors", s.kernel_errors,
+                       "failed kernel operations"))
+    out.append(gauge("ipshift_routes_apply_seconds_max", s.max_apply_ms / 1000.0,
+                     "worst time from a verdict to the kernel change"))
+    return out

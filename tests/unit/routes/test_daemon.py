@@ -12,11 +12,13 @@ import pytest
 from prometheus_client import generate_latest
 
 from ipshift import cli
+from ipshift.daemon import DaemonOptions, Instance, OwnedRecord, Runtime, run_service
+from ipshift.daemon.metrics import registry
 from ipshift.routes import config
 from ipshift.routes import daemon as daemon_mod
-from ipshift.routes.daemon import RoutesDaemon, StartupError
-from ipshift.routes.metrics import registry_for
+from ipshift.routes.daemon import RoutesDaemon
 from ipshift.routes.plan import RunHook
+from ipshift.ui import UserError
 
 SEED = ("ip route append default via 198.51.100.1 dev wan0 table 200\n"
         "ip route append default via 203.0.113.1 dev wan1 table 200\n")
@@ -26,6 +28,16 @@ def _cfg(tmp_path: Path, daemon: str = "") -> config.RoutesConfig:
     path = tmp_path / "routes.toml"
     path.write_text(f'ip = """\n{SEED}"""\n[daemon]\nprofile = "fast"\n{daemon}\n')
     return config.load(path)
+
+
+def _runtime(d: RoutesDaemon, tmp_path: Path) -> Runtime:
+    """The runtime a daemon gets from run_service, without the lock and the socket (call it
+    on a running loop)."""
+    rt = Runtime(d, Instance("routes", "t", run_dir=tmp_path), tmp_path / "s.sock",
+                 OwnedRecord(tmp_path / "record.json"))
+    d._rt = rt
+    d._loop = rt.loop
+    return rt
 
 
 def _alive(pid: int) -> bool:
@@ -43,17 +55,17 @@ def test_shutdown_ends_hook_processes(tmp_path):
                     "exec sleep 40\n")
     hook.chmod(0o755)
     cfg = _cfg(tmp_path, f'hooks = ["{hook}", "{hook}"]\nhook_timeout = 30')
-    d = RoutesDaemon(cfg, socket_path=tmp_path / "s.sock")
+    d = RoutesDaemon(cfg)
 
     async def go() -> tuple[int, bool]:
-        d._loop = asyncio.get_running_loop()
+        rt = _runtime(d, tmp_path)
         d._spawn(d._hooks(RunHook("wan0", "down", "up", "test", ())))
         for _ in range(1000):  # bounded: until the first hook runs
             if pidfile.exists():
                 break
             await asyncio.sleep(0.01)
         pid = int(pidfile.read_text())
-        d._stop.set()
+        rt.request_stop()
         await asyncio.wait_for(d._drain_tasks(), 30)
         alive = _alive(pid)
         if alive:
@@ -123,13 +135,13 @@ class FakeEvents:
 def test_nft_table_removed_whatever_the_failback(tmp_path, monkeypatch, failback, start, stop):
     monkeypatch.setattr(daemon_mod, "KernelAdapter", FakeKernel)
     monkeypatch.setattr(daemon_mod, "NetlinkEvents", FakeEvents)
-    d = RoutesDaemon(_cfg(tmp_path, f'failback = "{failback}"'), socket_path=tmp_path / "s.sock")
+    d = RoutesDaemon(_cfg(tmp_path, f'failback = "{failback}"'))
 
     async def go() -> tuple[list[str], list[str]]:
-        d._loop = asyncio.get_running_loop()
-        d._start_kernel(d._loop.time())
+        rt = _runtime(d, tmp_path)
+        d._start_kernel(rt.loop.time())
         at_start = list(FakeKernel.last.calls)
-        d._stop.set()
+        rt.request_stop()
         d._shutdown()
         return at_start, FakeKernel.last.calls[len(at_start):]
 
@@ -155,9 +167,10 @@ def busy_port():
 
 def test_metrics_port_in_use_is_a_startup_error_and_cleans_up(tmp_path, busy_port, no_kernel):
     sock = tmp_path / "s.sock"
-    d = RoutesDaemon(_cfg(tmp_path), socket_path=sock, metrics=f"127.0.0.1:{busy_port}")
-    with pytest.raises(StartupError, match=f"127.0.0.1:{busy_port}"):
-        asyncio.run(d.run())
+    d = RoutesDaemon(_cfg(tmp_path))
+    options = DaemonOptions(socket=sock, metrics=f"127.0.0.1:{busy_port}", run_dir=tmp_path)
+    with pytest.raises(UserError, match=f"127.0.0.1:{busy_port}"):
+        run_service(d, options)
     assert not sock.exists()
     assert d.engine is None  # failed before touching the kernel
 
@@ -167,6 +180,7 @@ def _run_cli(monkeypatch, capsys, tmp_path, *args):
     if not cfg.exists():
         _cfg(tmp_path)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr("ipshift.ctl.protocol.DEFAULT_DIR", tmp_path)
     rc = cli.main(["routes", "run", "-c", str(cfg), "--socket", str(tmp_path / "s.sock"), *args])
     return rc, capsys.readouterr().err.strip().splitlines()
 
@@ -250,7 +264,7 @@ def test_metrics_read_stats_on_the_event_loop_only(tmp_path, monkeypatch):
     must not iterate them (dictionary changed size during iteration)."""
     monkeypatch.setattr(daemon_mod, "KernelAdapter", FakeKernel)
     monkeypatch.setattr(daemon_mod, "NetlinkEvents", FakeEvents)
-    d = RoutesDaemon(_cfg(tmp_path), socket_path=tmp_path / "s.sock")
+    d = RoutesDaemon(_cfg(tmp_path))
     s = d.stats
     for name in ("conntrack_deleted", "probes_sent", "transitions", "last_change"):
         setattr(s, name, LoopOnlyDict(getattr(s, name)))
@@ -259,13 +273,14 @@ def test_metrics_read_stats_on_the_event_loop_only(tmp_path, monkeypatch):
     s.conntrack_deleted["wan0"] = 3
 
     async def go() -> str:
-        d._loop = asyncio.get_running_loop()
+        rt = _runtime(d, tmp_path)
         owner = threading.get_ident()
         for name in ("conntrack_deleted", "probes_sent", "transitions", "last_change"):
             getattr(s, name).owner = owner
-        d._start_kernel(d._loop.time())
+        d._start_kernel(rt.loop.time())
+        rt.state = "running"
         try:
-            text = await asyncio.to_thread(generate_latest, registry_for(d))
+            text = await asyncio.to_thread(generate_latest, registry(rt.metrics_threadsafe))
         finally:
             d._shutdown()
         return text.decode()
