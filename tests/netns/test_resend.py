@@ -1,7 +1,6 @@
 """ip_resend against real programs: dnsmasq in the ISP, glibc's resolver and dig at home, the
 dial-on-demand emulator in between, and the contrib ip-up script calling ip_resend_wakeup."""
 
-import json
 import os
 import signal
 import subprocess
@@ -118,8 +117,8 @@ def test_out_of_sync_states(lab, tmp_path):
     other = d.run_dir / "resend" / "other"
     second = d.home.run([sys.executable, "-m", "ipshift", "resend", "run", "-o", "ppp0", "-c",
                          str(other)], env=d.env, check=False, timeout=20)
-    assert second.returncode != 0
-    assert "another ip_resend already runs on ppp0" in second.stderr
+    assert second.returncode == 2
+    assert "another resend 'ppp0' is already running" in second.stderr
     tables = d.home.run(["nft", "list", "tables"]).stdout
     assert "ipshift_resend_ppp0" in tables and not other.exists()
     # a garbage message is refused and the daemon keeps waiting
@@ -135,20 +134,27 @@ def test_out_of_sync_states(lab, tmp_path):
     d.home.run([sys.executable, "-m", "ipshift.resend.wakeup", "-m", "stop", "-o", "ppp0"],
                env=d.env)
     assert d.status()["state"] == "armed"
-    # kill -9 while holding a mapping, then restart: the stale table and lo address go
+    # kill -9 while holding a mapping (its rules, and the placeholder address kept on lo for
+    # the lookup's socket), then restart: the killed instance's table and lo address go
     res = _dig(d.home, DNS4, timeout=4)
     assert res.stdout.strip() == A
+    assert d.status()["lo_addresses"] == ["192.0.2.99/32"]
     resend.signal(signal.SIGKILL)
     resend.wait(10)
     sock = d.run_dir / "resend" / "ppp0"
     assert sock.exists()  # stale socket left by the kill
-    d.home.nft("table inet ipshift_resend_ppp0 { }")  # as if left by the killed instance
-    (d.run_dir / "resend" / "ppp0.state").write_text(json.dumps({"lo_addresses": ["192.0.2.77"]}))
-    d.home.ip("addr", "add", "192.0.2.77/32", "dev", "lo")
+    assert _kernel_state(d.home) == (True, True)  # left behind by the kill
+    rules = d.home.run(["nft", "-a", "list", "table", "inet", "ipshift_resend_ppp0"]).stdout
+    assert "daddr set" in rules
     again = d.start_resend("--persistent")
-    assert "removed a stale nftables table" in again.stderr()
-    assert "192.0.2.77" not in d.home.ip("-o", "addr", "show", "dev", "lo")
+    assert "removed nftables table inet ipshift_resend_ppp0 left by a previous" in \
+        again.stderr()
+    assert "removed address 192.0.2.99/32 from lo, left by a previous" in again.stderr()
+    assert _kernel_state(d.home) == (True, False)  # a fresh table of the new instance
+    rules = d.home.run(["nft", "-a", "list", "table", "inet", "ipshift_resend_ppp0"]).stdout
+    assert "daddr set" not in rules and "saddr set" not in rules
     assert again.stop() == 0
+    assert _kernel_state(d.home) == (False, False)
 
 
 def test_world_writable_socket_directory_is_refused(lab, tmp_path):

@@ -14,8 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ipshift.ctl import CtlError, request
-from ipshift.ctl.render import render
+from ipshift.daemon.cli import (
+    add_control_commands,
+    add_run_options,
+    options_from_args,
+    start_logging,
+)
 from ipshift.resend.engine import ResendConfig
 from ipshift.resend.wakeup import (
     SOCKET_DIR,
@@ -25,7 +29,7 @@ from ipshift.resend.wakeup import (
     send_wakeup,
     socket_from_args,
 )
-from ipshift.ui import UserError, setup_logging
+from ipshift.ui import UserError
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -50,6 +54,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="re-arm after each dial cycle instead of exiting")
     p.add_argument("--max-packets", type=int, default=64,
                    help="packets captured per cycle (default 64)")
+    add_run_options(p)
 
 
 def config_from_args(args: argparse.Namespace) -> ResendConfig:
@@ -74,16 +79,17 @@ def config_from_args(args: argparse.Namespace) -> ResendConfig:
 def _run(args: argparse.Namespace) -> int:
     from ipshift.resend.daemon import run_daemon
 
-    if os.geteuid() != 0:
-        raise UserError("ip_resend captures packets and changes nftables: run it as root")
-    setup_logging(min(args.debug, 2) + 1, syslog=True)
     config = config_from_args(args)
     try:
         sock = Path(args.socket) if args.socket else default_socket(args.outgoing)
     except WakeupFailed as exc:
         raise UserError(str(exc)) from exc
+    options = options_from_args(args, socket=sock)
+    if os.geteuid() != 0:
+        raise UserError("ip_resend captures packets and changes nftables: run it as root")
+    start_logging(args, min(args.debug, 2), "ip_resend")
     return run_daemon(config, outgoing=args.outgoing, snoop=args.snoop or args.outgoing,
-                      socket=sock)
+                      socket=sock, metrics=options.metrics)
 
 
 def _socket_for(args: argparse.Namespace) -> Path:
@@ -101,16 +107,6 @@ def _wakeup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status(args: argparse.Namespace) -> int:
-    path = _socket_for(args)
-    try:
-        doc = request(path, "status")
-    except CtlError as exc:
-        raise UserError(exc.message) from exc
-    print(render(doc, as_json=args.json))
-    return 0
-
-
 def register(sub: Any) -> None:
     p = sub.add_parser("resend", help="demand-dial first-packet accelerator (ip_resend)")
     rs = p.add_subparsers(dest="resend_command", metavar="ACTION", required=True)
@@ -121,10 +117,7 @@ def register(sub: Any) -> None:
     wk.add_argument("-m", dest="message", required=True, metavar="WAKEUP_MESSAGE")
     add_target_options(wk)
     wk.set_defaults(handler=_wakeup)
-    st = rs.add_parser("status", help="show what ip_resend captured and maps")
-    add_target_options(st)
-    st.add_argument("--json", action="store_true")
-    st.set_defaults(handler=_status)
+    add_control_commands(rs, "ip_resend", add_target_options, _socket_for)
 
 
 def _entry(build: Any, argv: Sequence[str] | None) -> int:
@@ -138,6 +131,10 @@ def _entry(build: Any, argv: Sequence[str] | None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # a reader that closed early (`| head`): quiet, as shell tools are
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def ip_resend_main(argv: Sequence[str] | None = None) -> int:

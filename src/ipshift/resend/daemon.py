@@ -1,28 +1,42 @@
-"""The asyncio adapter of resend: feeds the engine from packet sockets and the control socket,
-and applies its actions with raw sockets, nftables, conntrack and netlink.
+"""The asyncio adapter of resend, a service on the daemon runtime (ipshift.daemon): feeds the
+engine from packet sockets, address events and the control socket (`wakeup`), and applies its
+actions with raw sockets, nftables, conntrack and netlink.
 
-Kernel objects it owns, all removed on exit and on start (reconcile after a kill -9):
+One instance per outgoing interface and namespace (the runtime's lock), whatever its control
+socket. Kernel objects it owns, all removed on exit, and recorded in the instance's owned-state
+record so that a start after a kill -9 removes what the killed one left:
 - nftables table `inet ipshift_resend_<interface>` holding the per-flow rewrites;
-- old addresses it put on `lo`, recorded in the state file next to the control socket.
+- old addresses it put on `lo` (net.loaddr, with a use count per mapping).
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno as _errno
+import contextlib
 import json
 import logging
-import os
-import signal
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ipshift.ctl import CtlError
-from ipshift.ctl.server import CtlServer
+from ipshift.daemon import (
+    LO_ADDRESS,
+    NFT_TABLE,
+    DaemonOptions,
+    EnginePump,
+    Metric,
+    Runtime,
+    StartError,
+    counter,
+    gauge,
+    run_service,
+)
 from ipshift.net.conntrack import Conntrack
 from ipshift.net.errors import NetError
-from ipshift.net.netlink import Netlink
+from ipshift.net.loaddr import LoAddresses
+from ipshift.net.netlink import Address, EventsOverrunError, Link, Netlink, NetlinkEvents
 from ipshift.net.nft import Nft
 from ipshift.net.packetsock import PacketSocket
 from ipshift.net.rawsock import RawSocket
@@ -45,7 +59,6 @@ log = logging.getLogger("ipshift.resend")
 
 PRIO_INBOUND = -300  # before conntrack (-200): it must see the mapped (old) destination
 PRIO_OUTBOUND = 300  # after NAT (100): the source is changed last, conntrack saw the old one
-ADDRESS_POLL = 1.0  # seconds between checks that the link's address is still there
 
 
 def table_name(interface: str) -> str:
@@ -84,77 +97,63 @@ def mapping_rules(m: FlowMapping) -> tuple[str, str]:
 
 
 class ResendDaemon:
-    def __init__(
-        self,
-        config: ResendConfig,
-        *,
-        outgoing: str,
-        snoop: str,
-        socket_path: Path,
-        netns: str | None = None,
-    ) -> None:
+    component = "resend"
+    adopts: frozenset[str] = frozenset()  # leftover tables and lo addresses: the runtime's
+
+    def __init__(self, config: ResendConfig, *, outgoing: str, snoop: str,
+                 netns: str | None = None) -> None:
         self.config = config
         self.outgoing = outgoing
+        self.instance = outgoing
         self.snoop = snoop
-        self.socket_path = socket_path
-        self.state_path = socket_path.with_name(socket_path.name + ".state")
         self.netns = netns
         self.table = table_name(outgoing)
         self.engine = ResendEngine(config)
-        self._ctl = CtlServer(socket_path, name="ip_resend")
+        self.pump: EnginePump | None = None
+        self._rt: Runtime | None = None
         self._nft: Nft | None = None
-        self._lock: socket.socket | None = None  # see _lock_interface
         self._netlink: Netlink | None = None
+        self._events: NetlinkEvents | None = None
         self._conntrack: Conntrack | None = None
+        self._lo: LoAddresses | None = None
         self._out_sock: PacketSocket | None = None
         self._in_sock: PacketSocket | None = None
         self._raw: dict[int, RawSocket] = {}
         self._handles: dict[FlowMapping, tuple[int, int]] = {}
-        self._lo_users: dict[str, int] = {}  # old address -> mappings that need it local
-        self._lo_owned: set[str] = set()  # the ones we put on lo (and will remove)
-        self._stop = asyncio.Event()
-        self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.errors = 0
 
     # --- lifecycle ------------------------------------------------------------------------
-    async def run(self) -> int:
-        self._loop = asyncio.get_running_loop()
-        self._ctl.method("wakeup", self._on_wakeup)
-        self._ctl.method("status", lambda params: self.status())
+    async def start(self, rt: Runtime) -> None:
+        self._rt = rt
+        self._loop = rt.loop
+        rt.method("wakeup", self._on_wakeup)
         try:
-            await self._ctl.start()
-        except CtlError as exc:
-            log.error("%s", exc.message)
-            return 2
-        try:
-            try:
-                self._open_kernel()
-            except (NetError, OSError) as exc:
-                log.error("cannot start on %s: %s", self.outgoing, exc)
-                return 1
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                self._loop.add_signal_handler(sig, self.request_stop)
-            log.info("ip_resend on %s (snooping %s): armed", self.outgoing, self.snoop)
-            await self._main_loop()
-            return 0
-        finally:
-            # The kernel state first: the socket going away tells a successor it may start,
-            # and its table must not be deleted by us after that.
-            self._close_kernel()
-            await self._ctl.close()
+            self._open_kernel(rt)
+        except (NetError, OSError) as exc:
+            raise StartError(f"cannot start on {self.outgoing}: {exc}") from exc
+        self.pump = EnginePump(rt.loop, self.engine, self._apply_all, after=self._after_actions)
+        self._update_sockets()
+        log.info("ip_resend on %s (snooping %s): armed", self.outgoing, self.snoop)
 
-    def request_stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
+    async def stop(self) -> None:
+        if self.pump is not None:
+            self.pump.stop()
+        self._close_kernel()
 
-    def _open_kernel(self) -> None:
+    def _open_kernel(self, rt: Runtime) -> None:
         self._netlink = Netlink(self.netns)
         self._netlink.index(self.outgoing)  # fails clearly if the interface does not exist
-        self._lock_interface()
+        self._lo = LoAddresses(self._netlink, on_change=self._record_lo)
+        # subscribe before anything can depend on an address: a loss is never missed
+        self._events = NetlinkEvents(self.netns, ("link", "address"))
+        assert self._loop is not None
+        self._loop.add_reader(self._events.fileno(), self._on_netlink)
         self._nft = Nft(self.netns)
-        self._reconcile()
+        rt.record.add(NFT_TABLE, f"inet {self.table}")
         self._nft.run(
+            f"table inet {self.table}\n"
+            f"delete table inet {self.table}\n"
             f"add table inet {self.table}\n"
             f"add chain inet {self.table} inbound {{ type filter hook prerouting priority "
             f"{PRIO_INBOUND}; policy accept; }}\n"
@@ -162,37 +161,15 @@ class ResendDaemon:
             f"{PRIO_OUTBOUND}; policy accept; }}\n"
         )
         self._conntrack = Conntrack(self.netns)
-        self._update_sockets()
 
-    def _lock_interface(self) -> None:
-        """One instance per interface and namespace, whatever its control socket: the nftables
-        table is named after the interface, and a second instance would take it over. The
-        lock is an abstract unix socket name: no file, and released by the kernel however
-        the holder ends."""
-        ns = f"/run/netns/{self.netns}" if self.netns else "/proc/self/ns/net"
-        lock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        try:
-            lock.bind(f"\0ipshift-resend-{os.stat(ns).st_ino}-{self.table}")
-        except OSError as exc:
-            lock.close()
-            if exc.errno != _errno.EADDRINUSE:
-                raise
-            raise OSError(_errno.EBUSY, f"another ip_resend already runs on {self.outgoing} "
-                                        "(with another control socket)") from None
-        self._lock = lock
-
-    def _reconcile(self) -> None:
-        """Remove what an earlier instance on this interface left (killed before cleaning)."""
-        assert self._nft is not None and self._netlink is not None
-        if self._nft.delete_table("inet", self.table):
-            log.info("removed a stale nftables table %s", self.table)
-        try:
-            stale = json.loads(self.state_path.read_text()).get("lo_addresses", [])
-        except (OSError, ValueError, AttributeError):
-            stale = []
-        for addr in stale:
-            self._del_lo(str(addr))
-        self.state_path.unlink(missing_ok=True)
+    def _record_lo(self, owned: frozenset[str]) -> None:
+        if self._rt is None:
+            return
+        for cidr in self._rt.record.items(LO_ADDRESS):
+            if cidr not in owned:
+                self._rt.record.discard(LO_ADDRESS, cidr)
+        for cidr in sorted(owned):
+            self._rt.record.add(LO_ADDRESS, cidr)
 
     def _close_kernel(self) -> None:
         for sock in (self._out_sock, self._in_sock, *self._raw.values()):
@@ -200,63 +177,46 @@ class ResendDaemon:
                 sock.close()
         self._out_sock = self._in_sock = None
         self._raw.clear()
+        if self._events is not None:
+            if self._loop is not None:
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(self._events.fileno())
+            self._events.close()
+            self._events = None
         if self._nft is not None:
             try:
                 self._nft.delete_table("inet", self.table)
+                if self._rt is not None:
+                    self._rt.record.discard(NFT_TABLE, f"inet {self.table}")
             except NetError as exc:
                 log.warning("removing nftables table %s: %s", self.table, exc)
             self._nft.close()
-        for addr in list(self._lo_owned):
-            self._del_lo(addr)
-        self._lo_owned.clear()
-        self._lo_users.clear()
-        self.state_path.unlink(missing_ok=True)
+            self._nft = None
+        if self._lo is not None:
+            self._lo.release_all()
         for handle in (self._conntrack, self._netlink):
             if handle is not None:
                 handle.close()
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        self._conntrack = self._netlink = None
 
-    # --- the loop -------------------------------------------------------------------------
-    async def _main_loop(self) -> None:
-        assert self._loop is not None
-        next_poll = 0.0
-        while not self._stop.is_set():
-            now = self._loop.time()
-            timer = self.engine.next_timer()
-            if timer is not None and timer <= now:
-                self.engine.handle_timer(now)
-                self._pump()
-                continue
-            if self.engine.link_addresses and now >= next_poll:
-                self._poll_addresses(now)
-                next_poll = now + ADDRESS_POLL
-            wait = 3600.0 if timer is None else timer - now
-            if self.engine.link_addresses:
-                wait = min(wait, max(0.0, next_poll - now))
-            self._wake.clear()
+    # --- actions --------------------------------------------------------------------------
+    def _apply_all(self, actions: Sequence[Action]) -> None:
+        for action in actions:
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=max(wait, 0.0))
-            except TimeoutError:
-                pass
+                self._apply(action)
+            except (NetError, OSError, ValueError) as exc:
+                self.errors += 1
+                log.error("%s failed: %s", type(action).__name__, exc)
+
+    def _after_actions(self) -> None:
+        """Adjust the sockets to the state; a finished cycle (or `term`) ends the daemon."""
+        self._update_sockets()
+        if (self.engine.state == "done" or self.engine.terminate) and self._rt is not None:
+            self._rt.request_stop()
 
     def _pump(self) -> None:
-        """Apply the engine's actions (which may produce more) and adjust the sockets."""
-        for _ in range(100):  # actions answered synchronously can create more; bounded
-            actions = self.engine.actions()
-            if not actions:
-                break
-            for action in actions:
-                try:
-                    self._apply(action)
-                except (NetError, OSError, ValueError) as exc:
-                    self.errors += 1
-                    log.error("%s failed: %s", type(action).__name__, exc)
-        self._update_sockets()
-        if self.engine.state == "done" or self.engine.terminate:
-            self._stop.set()
-        self._wake.set()  # the loop re-reads the timer (and the stop flag)
+        if self.pump is not None:
+            self.pump.run()
 
     def _apply(self, action: Action) -> None:
         if isinstance(action, LookupOrigin):
@@ -340,12 +300,22 @@ class ResendDaemon:
         doc.update({
             "interface": self.outgoing,
             "snoop": self.snoop,
-            "socket": str(self.socket_path),
             "persistent": self.config.persistent,
-            "lo_addresses": sorted(self._lo_owned),
+            "lo_addresses": sorted(self._lo.owned) if self._lo else [],
             "errors": self.errors,
         })
         return doc
+
+    def metrics(self) -> list[Metric]:
+        counters = vars(self.engine.counters)
+        out = [counter(f"ipshift_resend_{name}", value, f"resend {name.replace('_', ' ')}",
+                       interface=self.outgoing)
+               for name, value in counters.items() if isinstance(value, int)]
+        out.append(counter("ipshift_resend_errors", self.errors, "failed kernel operations",
+                           interface=self.outgoing))
+        out.append(gauge("ipshift_resend_mappings", len(self._handles), "flows mapped back",
+                         interface=self.outgoing))
+        return out
 
     # --- kernel state ---------------------------------------------------------------------
     def _lookup_origin(self, action: LookupOrigin) -> None:
@@ -383,7 +353,8 @@ class ResendDaemon:
     def _map(self, m: FlowMapping) -> None:
         assert self._nft is not None and self._conntrack is not None
         if m.keep_inner_local:
-            self._add_lo(m.inner_addr)
+            assert self._lo is not None
+            self._lo.acquire(m.inner_addr)
         else:
             # A masqueraded flow: its old entry (LAN host -> peer, translated to the old address)
             # may outlive the address. Left in place, the mapped reply would clash with it and
@@ -413,8 +384,8 @@ class ResendDaemon:
                     self._nft.run(f"delete rule inet {self.table} {chain} handle {handle}")
                 except NetError as exc:
                     log.warning("removing rule %d: %s", handle, exc)
-        if m.keep_inner_local:
-            self._release_lo(m.inner_addr)
+        if m.keep_inner_local and self._lo is not None:
+            self._lo.release(m.inner_addr)
 
     def _check_flows(self, action: CheckFlows) -> None:
         assert self._conntrack is not None and self._loop is not None
@@ -427,55 +398,37 @@ class ResendDaemon:
         if gone:
             self.engine.flows_gone(gone, self._loop.time())
 
-    def _poll_addresses(self, now: float) -> None:
+    def _on_netlink(self) -> None:
+        """An address of the link went away (or the link itself): the engine decides."""
+        assert self._events is not None and self._loop is not None
+        now = self._loop.time()
+        try:
+            events = self._events.read()
+        except EventsOverrunError:
+            log.warning("netlink events overran; re-reading the addresses of %s", self.outgoing)
+            self._reread_addresses(now)
+            return
+        lost: set[str] = set()
+        for ev in events:
+            obj = ev.obj
+            if isinstance(obj, Address) and ev.action == "del" and obj.dev == self.outgoing:
+                lost.add(obj.address)
+            elif isinstance(obj, Link) and obj.name == self.outgoing and ev.action == "del":
+                lost |= self.engine.link_addresses
+        for addr in sorted(lost & self.engine.link_addresses):
+            self.engine.address_lost(addr, now)
+        if lost:
+            self._pump()
+
+    def _reread_addresses(self, now: float) -> None:
         assert self._netlink is not None
         try:
             present = {a.address for a in self._netlink.addresses(self.outgoing)}
         except NetError:
             present = set()  # the interface itself is gone: so are its addresses
-        for addr in list(self.engine.link_addresses):
-            if addr not in present:
-                self.engine.address_lost(addr, now)
+        for addr in sorted(self.engine.link_addresses - present):
+            self.engine.address_lost(addr, now)
         self._pump()
-
-    def _add_lo(self, addr: str) -> None:
-        """Keep `addr` local while mappings need it; only addresses we added are removed."""
-        assert self._netlink is not None
-        if self._lo_users.get(addr, 0) == 0 and addr not in self._lo_owned:
-            local = {a.address for a in self._netlink.addresses()}
-            if addr not in local:
-                prefix = 32 if ":" not in addr else 128
-                self._netlink.add_address("lo", f"{addr}/{prefix}", nodad=True)
-                self._lo_owned.add(addr)
-                self._save_state()
-                log.info("keeping old address %s on lo while its flows are mapped", addr)
-        self._lo_users[addr] = self._lo_users.get(addr, 0) + 1
-
-    def _release_lo(self, addr: str) -> None:
-        users = self._lo_users.get(addr, 0) - 1
-        if users > 0:
-            self._lo_users[addr] = users
-            return
-        self._lo_users.pop(addr, None)
-        if addr in self._lo_owned:
-            self._lo_owned.discard(addr)
-            self._del_lo(addr)
-            self._save_state()
-
-    def _del_lo(self, addr: str) -> None:
-        if self._netlink is None:
-            return
-        prefix = 32 if ":" not in addr else 128
-        try:
-            self._netlink.del_address("lo", f"{addr}/{prefix}")
-        except NetError:
-            pass  # already gone
-
-    def _save_state(self) -> None:
-        owned = sorted(self._lo_owned)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"lo_addresses": owned}))
-        tmp.replace(self.state_path)
 
 
 def _handle_of(echo_output: str) -> int:
@@ -489,7 +442,6 @@ def _handle_of(echo_output: str) -> int:
 
 
 def run_daemon(config: ResendConfig, *, outgoing: str, snoop: str, socket: Path,
-               netns: str | None = None) -> int:
-    daemon = ResendDaemon(config, outgoing=outgoing, snoop=snoop, socket_path=socket,
-                          netns=netns)
-    return asyncio.run(daemon.run())
+               netns: str | None = None, metrics: str | None = None) -> int:
+    daemon = ResendDaemon(config, outgoing=outgoing, snoop=snoop, netns=netns)
+    return run_service(daemon, DaemonOptions(socket=socket, metrics=metrics))
