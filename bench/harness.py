@@ -18,15 +18,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ipshift import registry
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-# Modules under bench/ that register benchmarks; imported by run().
-BENCH_MODULES: tuple[str, ...] = (
-    "bench.bench_packet",
-    "bench.bench_tunnel",
-    "bench.bench_resend",
-    "bench.bench_routes",
-)
+# Modules under bench/ that register benchmarks, from the registry of components.
+BENCH_MODULES: tuple[str, ...] = registry.bench_modules()
 
 
 @dataclass

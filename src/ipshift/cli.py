@@ -1,5 +1,5 @@
 """The one `ipshift` command. Each component contributes its subcommands through a
-`register(subparsers)` function in its cli module, listed in COMMAND_MODULES."""
+`register(subparsers)` function in its cli module, named in `ipshift.registry`."""
 
 from __future__ import annotations
 
@@ -8,19 +8,8 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from ipshift import __version__
+from ipshift import __version__, registry
 from ipshift.ui import UserError, setup_logging
-
-# Modules that add subcommands, in the order they appear in `ipshift --help`.
-COMMAND_MODULES: tuple[str, ...] = (
-    "ipshift.demo",
-    "ipshift.resend.cli",
-    "ipshift.tunnel.cli",
-    "ipshift.routes.cli",
-    "ipshift.lab.cli",
-    "ipshift.ctl.cli",
-    "ipshift.benchcli",
-)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -33,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ipshift {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in registry.command_modules():
         module = importlib.import_module(name)
         module.register(sub)
     return parser

@@ -1,7 +1,8 @@
 """`ipshift demo`: the main job on a built-in default, in throw-away network namespaces.
 
-Each component adds a scenario to SCENARIOS; `ipshift demo` runs them all in order, `ipshift
-demo NAME` one of them. Everything is torn down at the end, on Ctrl-C and on SIGTERM.
+Each component names its scenario in `ipshift.registry`; `ipshift demo` runs them all in
+order, `ipshift demo NAME` one of them. Everything is torn down at the end, on Ctrl-C and
+on SIGTERM.
 """
 
 from __future__ import annotations
@@ -14,15 +15,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ipshift import registry
 from ipshift.ui import UserError, say
 
-# name -> "module:function"; each function takes (args) and returns an exit status.
-SCENARIOS: dict[str, tuple[str, str]] = {
-    "tunnel": ("ipshift.tunnel.demo", "the fast TUN <-> UDP tunnel across a forwarded hop"),
-    "routes": ("ipshift.routes.demo", "a NAT router with two ISPs: a gateway dies, flows move"),
-    "resend": ("ipshift.resend.demo", "a lookup that dials a demand link, without and with "
-                                      "ip_resend"),
-}
+# name -> (module with run_demo(args), summary), from the registry of components
+SCENARIOS: dict[str, tuple[str, str]] = registry.demo_scenarios()
 
 
 def _load(name: str) -> Callable[[argparse.Namespace], int]:
