@@ -146,7 +146,9 @@ def test_out_of_sync_states(lab, tmp_path):
     assert _kernel_state(d.home) == (True, True)  # left behind by the kill
     rules = d.home.run(["nft", "-a", "list", "table", "inet", "ipshift_resend_ppp0"]).stdout
     assert "daddr set" in rules
-    again = d.start_resend("--persistent")
+    # the restart uses another control socket: what it finds is the instance's, not the
+    # socket's
+    again = d.start_resend("--persistent", "-c", str(d.run_dir / "resend" / "elsewhere"))
     assert "removed nftables table inet ipshift_resend_ppp0 left by a previous" in \
         again.stderr()
     assert "removed address 192.0.2.99/32 from lo, left by a previous" in again.stderr()
