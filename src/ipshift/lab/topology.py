@@ -14,6 +14,7 @@ deletes its namespaces, which takes every veth, bridge, route and nft table in t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -385,11 +386,15 @@ class Lab:
         for node in reversed(list(self.nodes.values())):
             _remove_namespace(node.ns)
         self._state_file.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            STATE_DIR.rmdir()  # the last lab gone: leave no empty directory behind
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)
 
     def _save_state(self) -> None:
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        # /run/ipshift is the daemons' private run directory too: create it 0700
+        STATE_DIR.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        STATE_DIR.mkdir(exist_ok=True, mode=0o700)
         doc = {
             "pid": os.getpid(),
             "name": self.name,
