@@ -32,6 +32,7 @@ from ipshift.net import netns as _netns
 from ipshift.net import nlmsg
 from ipshift.net.errors import NetError, ParseError
 from ipshift.net.nlmsg import NLMSG_DONE, NLMSG_ERROR
+from ipshift.net.sockbase import KernelSocket, open_netlink
 
 # status bits (enum ip_conntrack_status)
 IPS_EXPECTED = 1 << 0
@@ -398,28 +399,12 @@ def parse_messages(data: bytes) -> Reply:
 # --- the adapter ------------------------------------------------------------------------------
 
 
-def _open(rcvbuf: int, timeout: float) -> socket.socket:
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                         NETLINK_NETFILTER)
-    try:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)  # SO_RCVBUFFORCE
-        except PermissionError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.settimeout(timeout)
-        sock.bind((0, 0))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def _read_count() -> int:
     with open("/proc/sys/net/netfilter/nf_conntrack_count") as f:
         return int(f.read())
 
 
-class Conntrack:
+class Conntrack(KernelSocket):
     """ctnetlink in namespace `netns` (None: the caller's). Thread-safe; every wait is bounded
     by `timeout`."""
 
@@ -429,7 +414,8 @@ class Conntrack:
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
         try:
-            self._sock = _netns.call_in(netns, _open, rcvbuf, timeout)
+            self._sock = open_netlink(NETLINK_NETFILTER, netns=netns, rcvbuf=rcvbuf,
+                                      timeout=timeout)
         except OSError as exc:
             raise ConntrackError(f"cannot open ctnetlink socket: {exc.strerror or exc}",
                                  exc.errno or 0) from exc
@@ -519,15 +505,6 @@ class Conntrack:
             return _netns.call_in(self.netns, _read_count)
         except FileNotFoundError:
             return 0  # conntrack not loaded
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> Conntrack:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _chunks(items: Iterable[ConntrackEntry], size: int) -> Iterator[list[ConntrackEntry]]:

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 from ipshift.net import netns as _netns
 from ipshift.net.errors import NetError
+from ipshift.net.sockbase import KernelSocket
 
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
@@ -161,7 +162,7 @@ def _open(
     return sock
 
 
-class PacketSocket:
+class PacketSocket(KernelSocket):
     """Snoop IP packets on `ifname` (None: every interface) inside namespace `netns`."""
 
     def __init__(
@@ -187,9 +188,6 @@ class PacketSocket:
                 f"{exc.strerror or exc} (needs CAP_NET_RAW and an existing interface)",
                 exc.errno or 0,
             ) from exc
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
 
     def recv(self) -> Snooped | None:
         """One packet, or None when nothing is queued (never blocks)."""
@@ -240,11 +238,3 @@ class PacketSocket:
             for pkt in await self.next_batch():
                 yield pkt
 
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> PacketSocket:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

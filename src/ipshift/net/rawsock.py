@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from ipshift.net import netns as _netns
 from ipshift.net.errors import NetError
+from ipshift.net.sockbase import KernelSocket
 
 IPV6_HDRINCL = 36  # linux/in6.h, Linux >= 4.5
 SO_MARK = 36
@@ -59,7 +60,7 @@ def _open(
     return _Opened(sock, scope_id)
 
 
-class RawSocket:
+class RawSocket(KernelSocket):
     """A raw IP socket in namespace `netns`, optionally bound to `device` and marked."""
 
     def __init__(
@@ -90,9 +91,6 @@ class RawSocket:
             ) from exc
         self._sock = opened.sock
         self._scope_id = opened.scope_id
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
 
     def destination_of(self, packet: bytes | bytearray | memoryview) -> str:
         """The destination address in a full packet's IP header."""
@@ -134,11 +132,3 @@ class RawSocket:
             raise RawSocketError(f"raw receive: {exc.strerror or exc}", exc.errno or 0) from exc
         return data, str(addr[0])
 
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> RawSocket:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -22,7 +22,6 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 
-from ipshift.net import netns as _netns
 from ipshift.net import nlmsg
 from ipshift.net.errors import ParseError
 from ipshift.net.netlink import (
@@ -35,6 +34,7 @@ from ipshift.net.netlink import (
     default_scope,
 )
 from ipshift.net.nlmsg import NLMSG_ERROR
+from ipshift.net.sockbase import KernelSocket, open_netlink
 
 NETLINK_ROUTE = 0
 RTM_NEWROUTE = 24
@@ -116,13 +116,14 @@ def _packed(value: str, af: int, what: str) -> bytes:
         raise ValueError(f"invalid {what} {value!r} for an {family} route") from exc
 
 
-class RouteBatch:
+class RouteBatch(KernelSocket):
     """An rtnetlink socket, inside a namespace, that applies many route changes at once."""
 
     def __init__(self, netns: str | None = None, *, per_datagram: int = 256) -> None:
         self.per_datagram = per_datagram
         self._seq = itertools.count(1)
-        self._sock: socket.socket = _netns.call_in(netns, _open)
+        self._sock = open_netlink(NETLINK_ROUTE, netns=netns, rcvbuf=8 << 20, sndbuf=8 << 20,
+                                  timeout=10.0)
 
     def apply(self, ops: Sequence[tuple[str, Route]], index_of: Callable[[str], int]
               ) -> list[tuple[int, str] | None]:
@@ -163,31 +164,6 @@ class RouteBatch:
                 raise NetlinkError(f"route changes: {exc.strerror or exc}",
                                    exc.errno or 0) from exc
         return results
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> RouteBatch:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-def _open() -> socket.socket:
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-    try:
-        for opt, force in ((socket.SO_SNDBUF, 32), (socket.SO_RCVBUF, 33)):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, force, 8 << 20)  # SO_*BUFFORCE
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
-        sock.settimeout(10.0)
-        sock.bind((0, 0))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def acks(buf: bytes) -> list[tuple[int, int]]:

@@ -24,10 +24,10 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ipshift.net import netns as _netns
 from ipshift.net import nlmsg
 from ipshift.net.errors import NetError, ParseError
 from ipshift.net.nlmsg import NLMSG_DONE, NLMSG_ERROR
+from ipshift.net.sockbase import KernelSocket, open_netlink
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -244,19 +244,7 @@ def _same(want: ipaddress.IPv4Address | ipaddress.IPv6Address | None, have: str)
         return False
 
 
-def _open(timeout: float) -> socket.socket:
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                         NETLINK_SOCK_DIAG)
-    try:
-        sock.settimeout(timeout)
-        sock.bind((0, 0))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-class SockDiag:
+class SockDiag(KernelSocket):
     """sock_diag in namespace `netns`. Calls are serialised per object and bounded by `timeout`."""
 
     def __init__(self, netns: str | None = None, *, timeout: float = 5.0) -> None:
@@ -264,7 +252,7 @@ class SockDiag:
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
         try:
-            self._sock = _netns.call_in(netns, _open, timeout)
+            self._sock = open_netlink(NETLINK_SOCK_DIAG, netns=netns, timeout=timeout)
         except OSError as exc:
             raise SockDiagError(f"cannot open sock_diag socket: {exc.strerror or exc}",
                                 exc.errno or 0) from exc
@@ -341,15 +329,6 @@ class SockDiag:
                 if exc.errno != _errno.ENOENT:
                     raise
         return count
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> SockDiag:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _explain(code: int) -> str:
