@@ -210,3 +210,28 @@ def test_a_busy_name_is_a_clear_error(pair: tuple[Node, Node, Path]) -> None:
         assert "busy0" in proc.stderr() and "pick another --dev" in proc.stderr()
     finally:
         a.ip("link", "del", "busy0")
+
+
+FETCH = r"""
+import sys, urllib.request
+print(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode())
+"""
+
+
+def test_metrics_and_stop(pair: tuple[Node, Node, Path]) -> None:
+    """--metrics serves the tunnel's counters for Prometheus; `ipshift tunnel stop` ends it
+    after it removed its device."""
+    a, _, tmp = pair
+    a.ip("link", "set", "lo", "up")
+    proc, socket = start(a, tmp, "tun-m", "--metrics", "127.0.0.1:9465")
+    try:
+        text = a.run([sys.executable, "-c", FETCH, "9465"], timeout=20).stdout
+        assert 'ipshift_tunnel_datagrams_in_total{dev="tun-m"}' in text
+        assert "ipshift_tunnel_uptime_seconds" in text and "ipshift_control_refused_total" in text
+        res = a.run([*TUNNEL, "stop", "--dev", "tun-m", "--socket", str(socket)], timeout=30)
+        assert res.stdout.strip() == "stopped"
+        assert proc.wait(timeout=15) == 0, proc.stderr()
+        assert not has_link(a, "tun-m") and not socket.exists()
+    finally:
+        if proc.running():
+            proc.stop()
