@@ -37,7 +37,8 @@ COMPONENTS: tuple[Component, ...] = (
 
 #: Commands that are not components, before and after the components in `ipshift --help`.
 LEADING_COMMANDS: tuple[str, ...] = ("ipshift.demo",)
-TRAILING_COMMANDS: tuple[str, ...] = ("ipshift.lab.cli", "ipshift.ctl.cli", "ipshift.benchcli")
+TRAILING_COMMANDS: tuple[str, ...] = ("ipshift.daemon.cli", "ipshift.lab.cli", "ipshift.ctl.cli",
+                                       "ipshift.benchcli")
 
 #: Benchmarks of the layers below the components.
 LAYER_BENCHMARKS: tuple[str, ...] = ("bench.bench_packet", "bench.bench_remap")

@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import os
 import time
 from collections.abc import Callable
@@ -19,7 +21,8 @@ from ipshift.ctl.client import request
 from ipshift.ctl.protocol import CtlError
 from ipshift.ctl.render import render
 from ipshift.daemon.metrics import address_problem
-from ipshift.daemon.runtime import DaemonOptions
+from ipshift.daemon.owned import OwnedRecord
+from ipshift.daemon.runtime import DaemonOptions, remove_leftovers
 from ipshift.ui import UserError, setup_logging
 
 SocketFor = Callable[[argparse.Namespace], Path]
@@ -96,3 +99,98 @@ def add_control_commands(sub: Any, what: str, add_target: Callable[[argparse.Arg
     sp.add_argument("--timeout", type=float, default=15.0, metavar="SECONDS",
                     help="how long to wait for it to finish (default 15)")
     sp.set_defaults(handler=lambda args: stop_instance(socket_for(args), args.timeout))
+
+
+# --- `ipshift daemons`: every instance on this host ------------------------------------------
+def _namespaces_by_inode() -> dict[int, str | None]:
+    """inode -> name of the namespaces a cleanup can enter (None: this process's own)."""
+    out: dict[int, str | None] = {}
+    netns_dir = Path("/run/netns")
+    if netns_dir.is_dir():
+        for entry in sorted(netns_dir.iterdir()):
+            with contextlib.suppress(OSError):
+                out[entry.stat().st_ino] = entry.name
+    with contextlib.suppress(OSError):
+        out[os.stat("/proc/self/ns/net").st_ino] = None
+    return out
+
+
+def list_instances(run_dir: Path) -> list[dict[str, Any]]:
+    """Every instance that ever ran from `run_dir`: running or not, and what it holds (for
+    a running one) or left behind (for a stopped one killed before it could clean up)."""
+    directory = run_dir / "instances"
+    namespaces = _namespaces_by_inode()
+    rows = []
+    for lock in sorted(directory.glob("*.lock")) if directory.is_dir() else []:
+        component, _, rest = lock.stem.partition(".")
+        name, _, inode = rest.rpartition(".")
+        running, pid = _probe_lock(lock)
+        record_path = lock.with_suffix(".json")
+        owned = OwnedRecord(record_path).previous if record_path.exists() else {}
+        ino = int(inode) if inode.isdigit() else -1
+        known = ino in namespaces
+        rows.append({
+            "component": component, "name": name,
+            # a namespace that no longer exists took everything in it along
+            "netns": (namespaces[ino] or "-") if known else f"gone (inode {inode})",
+            "running": running, "pid": pid if running else None,
+            "owned": sorted(f"{kind} {item}" for kind, items in owned.items() for item in items),
+            "_record": record_path, "_netns": namespaces.get(ino), "_ns_known": known,
+        })
+    return rows
+
+
+def _probe_lock(path: Path) -> tuple[bool, int | None]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False, None
+    try:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        pid = int(text) if text.isdigit() else None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True, pid
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False, pid
+    finally:
+        os.close(fd)
+
+
+def _daemons(args: argparse.Namespace) -> int:
+    from ipshift.ctl import protocol
+    from ipshift.ctl.render import table
+
+    rows = list_instances(protocol.DEFAULT_DIR)
+    if args.clean:
+        if os.geteuid() != 0:
+            raise UserError("cleaning up after stopped daemons changes the kernel: run as root")
+        for row in rows:
+            if row["running"] or not row["owned"]:
+                continue
+            record = OwnedRecord(row["_record"])
+            if row["_ns_known"]:
+                remove_leftovers(record, row["_netns"], frozenset())
+            record.previous.clear()
+            record.remove()
+            print(f"cleaned up after {row['component']} {row['name']!r}: "
+                  f"{', '.join(row['owned'])}")
+            row["owned"] = []
+    shown = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
+    if args.json:
+        print(render(shown, as_json=True))
+    elif not args.clean:
+        print(table([{**r, "owned": len(r["owned"])} for r in shown],
+                    ("component", "name", "netns", "running", "pid", "owned")))
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("daemons", help="the ipshift daemons of this host, and what stopped ones "
+                                       "left behind")
+    p.add_argument("--clean", action="store_true",
+                   help="remove what daemons killed before they could clean up left behind "
+                        "(nft tables, addresses on lo, routes and rules)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_daemons)

@@ -43,7 +43,7 @@ from ipshift.daemon import metrics as metrics_mod
 from ipshift.daemon.instance import Instance, InstanceError, InstanceLock
 from ipshift.daemon.metrics import Metric, counter, gauge
 from ipshift.daemon.notify import sd_notify
-from ipshift.daemon.owned import LO_ADDRESS, NFT_TABLE, OwnedRecord
+from ipshift.daemon.owned import LO_ADDRESS, NFT_TABLE, ROUTE_PROTOCOL, OwnedRecord
 from ipshift.ui import UserError
 
 log = logging.getLogger("ipshift.daemon")
@@ -287,6 +287,11 @@ def remove_leftovers(record: OwnedRecord, netns: str | None, adopted: frozenset[
                     log.warning("cannot remove the leftover nftables table %s: %s", item, exc)
                     continue
                 record.settled(NFT_TABLE, [item])
+    if ROUTE_PROTOCOL not in adopted and record.left_over(ROUTE_PROTOCOL):
+        removed = remove_protocol_routes(record.left_over(ROUTE_PROTOCOL), netns)
+        if removed:
+            log.info("removed %d routes and rules left by a previous instance", removed)
+        record.settled(ROUTE_PROTOCOL)
     if LO_ADDRESS not in adopted and record.left_over(LO_ADDRESS):
         from ipshift.net.loaddr import remove_addresses
 
@@ -294,6 +299,32 @@ def remove_leftovers(record: OwnedRecord, netns: str | None, adopted: frozenset[
         for cidr in gone:
             log.info("removed address %s from lo, left by a previous instance", cidr)
         record.settled(LO_ADDRESS)
+
+
+def remove_protocol_routes(protocols: Iterable[str], netns: str | None) -> int:
+    """Delete every route and rule marked with one of `protocols` (routing protocol numbers
+    an instance owned); how many."""
+    from ipshift.net.errors import NetError
+    from ipshift.net.netlink import Netlink
+
+    wanted = {int(p) for p in protocols if p.isdigit() and 0 < int(p) < 256}
+    count = 0
+    with Netlink(netns) as nl:
+        for route in nl.routes(None):
+            if route.proto in wanted and route.table != 255:
+                try:
+                    nl.del_route(route)
+                    count += 1
+                except NetError:
+                    pass  # gone meanwhile
+        for rule in nl.rules():
+            if rule.proto in wanted:
+                try:
+                    nl.del_rule(rule)
+                    count += 1
+                except NetError:
+                    pass
+    return count
 
 
 def default_socket(component: str, name: str) -> Path:
