@@ -249,13 +249,19 @@ def test_second_instance_refuses_to_start(lab, run_dir):
     site = IspSite(lab, 1, run_dir=run_dir)
     site.write_config(seed_config(site.isps))
     site.start_daemon(profile="fast")
-    res = site.r.run([sys.executable, "-m", "ipshift", "routes", "run", "-c",
-                      str(site.config_path), "--socket", str(site.socket)], check=False,
-                     env={"PYTHONPATH": str(ROOT / "src")}, timeout=30)
-    assert res.returncode == 2
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and "already running" in lines[0]
+    routes_before = site.r.ip("route", "show", "table", "all", "proto", "73")
+    other = run_dir / "other.sock"
+    for sock in (site.socket, other):  # the same control socket, or another one
+        res = site.r.run([sys.executable, "-m", "ipshift", "routes", "run", "-c",
+                          str(site.config_path), "--socket", str(sock)], check=False,
+                         env={"PYTHONPATH": str(ROOT / "src"),
+                              "IPSHIFT_RUN_DIR": str(site.run_dir)}, timeout=30)
+        assert res.returncode == 2
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and "another routes 'routes' is already running (pid" in lines[0]
+    assert not other.exists()
     assert site.status()["uplinks"][0]["state"] == "up"
+    assert site.r.ip("route", "show", "table", "all", "proto", "73") == routes_before
 
 
 def test_capture_parser_reads_tcpdump_output(lab, run_dir):
