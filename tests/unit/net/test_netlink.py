@@ -14,8 +14,14 @@ from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from ipshift.net.errors import NetError, ParseError
 from ipshift.net.netlink import (
+    IFA_F_DEPRECATED,
+    IFA_F_NOPREFIXROUTE,
+    IFA_F_PERMANENT,
+    IFA_F_SECONDARY,
+    IFA_F_TEMPORARY,
     IFF_LOWER_UP,
     IFF_UP,
+    INFINITY_LIFE_TIME,
     NUD_FAILED,
     NUD_REACHABLE,
     RT_SCOPE_HOST,
@@ -278,3 +284,95 @@ def test_event_reader_skips_and_counts_malformed_datagrams():
     finally:
         rx.close()
         tx.close()
+
+
+# --- address flags and lifetimes (IFA_FLAGS, IFA_CACHEINFO) ---------------------------------------
+
+
+def _address(family, address, prefixlen, *, flags=None, ifa_flags=0, lifetimes=None):
+    m = ifaddrmsg()
+    m["family"] = family
+    m["prefixlen"] = prefixlen
+    m["index"] = 2
+    m["flags"] = ifa_flags
+    attrs = [("IFA_ADDRESS", address)]
+    if family == socket.AF_INET:
+        attrs.append(("IFA_LOCAL", address))
+    if flags is not None:
+        attrs.append(("IFA_FLAGS", flags))
+    if lifetimes is not None:
+        valid, preferred = lifetimes
+        attrs.append(("IFA_CACHEINFO", {"ifa_preferred": preferred, "ifa_valid": valid,
+                                        "cstamp": 100, "tstamp": 200}))
+    m["attrs"] = attrs
+    return _encode(m, RTM_NEWADDR)
+
+
+def _one_address(data):
+    (event,) = parse_events(data, {2: "eth0"})
+    assert isinstance(event.obj, Address)
+    return event.obj
+
+
+def test_secondary_and_permanent_come_from_ifa_flags():
+    primary = _one_address(_address(socket.AF_INET, "192.0.2.1", 24, flags=IFA_F_PERMANENT,
+                                    lifetimes=(INFINITY_LIFE_TIME, INFINITY_LIFE_TIME)))
+    assert primary.permanent and not primary.secondary and primary.forever
+    assert primary.valid_lft is None and primary.preferred_lft is None
+    second = _one_address(_address(socket.AF_INET, "192.0.2.10", 24,
+                                   flags=IFA_F_SECONDARY | IFA_F_PERMANENT))
+    assert second.secondary and second.permanent and not second.temporary
+
+
+def test_the_same_bit_is_temporary_for_ipv6():
+    temp = _one_address(_address(socket.AF_INET6, "2001:db8::5", 64, flags=IFA_F_TEMPORARY,
+                                 lifetimes=(86400, 3600)))
+    assert temp.temporary and not temp.secondary and not temp.permanent
+    assert (temp.valid_lft, temp.preferred_lft) == (86400, 3600) and not temp.forever
+
+
+def test_ifa_flags_attribute_wins_over_the_eight_bit_field():
+    """Flags above 0x80 (noprefixroute, ...) exist only in IFA_FLAGS."""
+    a = _one_address(_address(socket.AF_INET6, "2001:db8::6", 64,
+                              flags=IFA_F_NOPREFIXROUTE | IFA_F_DEPRECATED, ifa_flags=0))
+    assert a.noprefixroute and a.deprecated
+    old_kernel = _one_address(_address(socket.AF_INET, "192.0.2.3", 24, ifa_flags=0x81))
+    assert old_kernel.secondary and old_kernel.permanent and not old_kernel.noprefixroute
+
+
+def test_a_zero_preferred_lifetime_is_not_forever():
+    a = _one_address(_address(socket.AF_INET6, "2001:db8::7", 64, flags=IFA_F_DEPRECATED,
+                              lifetimes=(30, 0)))
+    assert (a.valid_lft, a.preferred_lft) == (30, 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_parse_events_fuzz_mutated_address_messages(data):
+    blob = bytearray(_address(socket.AF_INET, "192.0.2.1", 24, flags=0x281, lifetimes=(60, 30))
+                     + _address(socket.AF_INET6, "2001:db8::5", 64, flags=1,
+                                lifetimes=(INFINITY_LIFE_TIME, 5)))
+    for _ in range(data.draw(st.integers(1, 8))):
+        pos = data.draw(st.integers(0, len(blob) - 1))
+        blob[pos] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(blob)))
+    try:
+        events = parse_events(bytes(blob[:cut]), {})
+    except ParseError:
+        return
+    for event in events:
+        if isinstance(event.obj, Address):
+            assert event.obj.valid_lft is None or 0 <= event.obj.valid_lft < INFINITY_LIFE_TIME
+
+
+def test_lifetimes_for_add_address_are_checked_before_the_kernel_sees_them():
+    from ipshift.net.netlink.client import _lifetimes
+
+    assert _lifetimes(None, None) == {}
+    assert _lifetimes(300, None) == {"valid_lft": 300, "preferred_lft": 300}
+    assert _lifetimes(None, 60) == {"valid_lft": INFINITY_LIFE_TIME, "preferred_lft": 60}
+    assert _lifetimes(300, 0) == {"valid_lft": 300, "preferred_lft": 0}
+    for valid, preferred in ((0, None), (10, 20), (-1, None), (None, INFINITY_LIFE_TIME)):
+        with pytest.raises(ValueError) as info:
+            _lifetimes(valid, preferred)
+        assert "\n" not in str(info.value)

@@ -346,8 +346,7 @@ class KernelView:
             return [] if _identical(before, r) else [Change(CHANGED, r, before)]
         if any(_route_slot(x) == _route_slot(r) for x in self._routes):
             # a replace, an appended path, or a route of another device in the same slot:
-            # the notification does not say which, a dump does
-            self._routes[r] = r
+            # the notification does not say which; the dump it asks for will report it
             self._mark_stale("route")
             return []
         self._routes[r] = r
