@@ -22,7 +22,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ipshift.routes.iproute import IprouteError, Parser, Problem, parse_number
+from ipshift.daemon.instance import MAX_NAME, name_problem
+from ipshift.routes.iproute import (
+    IprouteError,
+    Parser,
+    Problem,
+    interface_problem,
+    parse_number,
+)
 from ipshift.routes.model import (
     PROFILE_FIELDS,
     PROFILES,
@@ -57,6 +64,10 @@ RULE_KEYS = {"priority", "from", "to", "table", "iif", "oif", "fwmark", "action"
 ROUTE_KEYS = {"dst", "table", "via", "dev", "uplink", "src", "metric", "scope", "type", "static",
               "nexthops", "tos", "onlink", "family"}
 NEXTHOP_KEYS = {"via", "dev", "weight", "uplink", "onlink"}
+MAX_CONFIG_BYTES = 64 << 20  # 10,000 routes take about 1 MiB
+MAX_UPLINK_NAME = 64  # hooks' environment, status, metrics labels, log lines
+TOO_DEEP = ("TOML nested too deeply (arrays or inline tables within one another): "
+            "write it flatter")
 
 
 @dataclass
@@ -95,19 +106,13 @@ class _Loader:
     # ---- reading ---------------------------------------------------------------------------
     def read(self) -> None:
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError([Problem(str(self.path), f"cannot read: {exc.strerror}")]) from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError([Problem(str(self.path), _not_utf8(exc))]) from exc
+            text = _read_text(self.path)
+        except _UnreadableError as exc:
+            raise ConfigError([Problem(str(self.path), str(exc))]) from exc
         if self.path.suffix != ".toml":
             self.parser.feed(text, str(self.path))
             return
-        try:
-            doc = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([Problem(str(self.path), f"not valid TOML: {exc}")]) from exc
-        self.toml(doc)
+        self.toml(_parse_toml(text, str(self.path)))
 
     def toml(self, doc: dict[str, Any]) -> None:
         known = {"daemon", "uplink", "rule", "route", "ip", "include"}
@@ -128,11 +133,9 @@ class _Loader:
             if not p.is_absolute():
                 p = self.path.parent / p
             try:
-                self.parser.feed(p.read_text(encoding="utf-8"), str(p))
-            except OSError as exc:
-                self.error(self.where, f"include {inc}: cannot read: {exc.strerror}")
-            except UnicodeDecodeError as exc:
-                self.error(self.where, f"include {p}: {_not_utf8(exc)}")
+                self.parser.feed(_read_text(p), str(p))
+            except _UnreadableError as exc:
+                self.error(self.where, f"include {p}: {exc}")
         if "ip" in doc:
             if isinstance(doc["ip"], str):
                 self.parser.feed(doc["ip"], f"{self.where}: ip")
@@ -389,6 +392,13 @@ class _Loader:
     def validate(self, cfg: RoutesConfig) -> None:
         s = cfg.settings
         where = self.where
+        problem = daemon_name_problem(s.name)
+        if problem:
+            self.error(f"{where}: [daemon]", problem)
+        for up in cfg.uplinks:
+            problem = interface_problem(up.interface) or uplink_name_problem(up.name)
+            if problem:
+                self.error(up.origin, problem)
         if s.failback not in ("stay", "move"):
             self.error(where, f"failback must be `stay` or `move`, not {s.failback!r}")
         if not 5 <= s.protocol <= 255:
@@ -499,6 +509,30 @@ class _Loader:
                                       f"net.ipv4.conf.{dev}.rp_filter=2")
 
 
+def daemon_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a routes daemon, or None. It names the instance (its lock and
+    owned-state record), the control socket <name>.sock and the nftables table ipshift_<name>,
+    whose names take only letters, digits and . _ -."""
+    if name and len(name) <= MAX_NAME and not all(c.isascii() and (c.isalnum() or c in "._-")
+                                                   for c in name):
+        return (f"the daemon name {name!r} may use only letters, digits and . _ - (it also "
+                "names the nftables table ipshift_<name>)")
+    return name_problem(name, "daemon name")  # the runtime's rules: length, no leading dot
+
+
+def uplink_name_problem(name: str) -> str | None:
+    """Why `name` cannot name an uplink, or None: it goes into hooks' environment, status
+    lines, metrics labels and logs, so it is short, printable and has no whitespace."""
+    if not name:
+        return "an uplink name is empty"
+    if len(name) > MAX_UPLINK_NAME:
+        return (f"uplink name {name[:20]!r}... is {len(name)} characters; at most "
+                f"{MAX_UPLINK_NAME}")
+    if not all(c.isprintable() and not c.isspace() for c in name):
+        return f"uplink name {name!r} has whitespace or control characters"
+    return None
+
+
 def metrics_problem(value: str) -> str | None:
     """Why a metrics address (`ADDRESS:PORT`, from the file or --metrics) is unusable, or None."""
     host, _, port = value.rpartition(":")
@@ -506,6 +540,39 @@ def metrics_problem(value: str) -> str | None:
     if not host.strip("[]") or not ok:
         return f"metrics {value!r} must be ADDRESS:PORT, e.g. 127.0.0.1:9465"
     return None
+
+
+class _UnreadableError(Exception):
+    """A configuration file cannot be read; str() says why, in one line."""
+
+
+def _read_text(path: Path) -> str:
+    """A configuration file's text: UTF-8, at most MAX_CONFIG_BYTES (read no further, so that
+    /dev/zero or an endless pipe cannot exhaust memory)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise _UnreadableError(f"cannot read: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # a NUL in the file name
+        raise _UnreadableError("cannot read: the file name holds a NUL character") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise _UnreadableError(f"cannot read: larger than {MAX_CONFIG_BYTES >> 20} MiB; is it "
+                               "the configuration?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _UnreadableError(_not_utf8(exc)) from exc
+
+
+def _parse_toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem(source, f"not valid TOML: {exc}")]) from exc
+    except RecursionError as exc:
+        # tomllib recurses once per nested array or inline table
+        raise ConfigError([Problem(source, TOO_DEEP)]) from exc
 
 
 def _tables(value: Any, what: str, loader: _Loader) -> list[dict[str, Any]]:
@@ -613,10 +680,7 @@ def loads(text: str, *, toml: bool = False, source: str = "<text>",
     """Parse configuration text (tests, demo, bench)."""
     loader = _Loader(Path(source + (".toml" if toml else "")), tables)
     if toml:
-        try:
-            loader.toml(tomllib.loads(text))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([Problem(source, f"not valid TOML: {exc}")]) from exc
+        loader.toml(_parse_toml(text, source))
     else:
         loader.parser.feed(text, source)
     cfg = loader.build()

@@ -164,27 +164,19 @@ class RoutesDaemon:
         self.stats.startup_s = time.monotonic() - t0
 
     def _load_kernel_state(self, now: float) -> None:
-        """Read links, addresses, routes and rules; no reconcile happens halfway through."""
+        """Read links, addresses, routes and rules; the engine reconciles only once everything
+        is in (and at start, only in `engine.start`, which holds what a killed run left)."""
         assert self.kernel is not None and self.engine is not None
-        started, self.engine.started = self.engine.started, False
-        try:
-            self._read_kernel_state(now)
-        finally:
-            self.engine.started = started
+        self._read_kernel_state(now)
 
     def _read_kernel_state(self, now: float) -> None:
         assert self.kernel is not None and self.engine is not None
         self._links = {link.name: link for link in self.kernel.links()}
-        for link in self._links.values():
-            self.engine.link(link.name, link.up, link.carrier, now)
         self._addrs = self.kernel.addresses()
-        for dev in self._links:
-            self.engine.addresses(dev, self._addrs.get(dev, set()), now)
-        self.engine.planner.foreign.clear()
-        self.engine.planner.installed.clear()
-        for k, owned in self.kernel.routes():
-            self.engine.planner.kernel_route(k, owned=owned, present=True)
-        self.engine.planner.rules = set(self.kernel.owned_rules())
+        self.engine.kernel_state(
+            self.kernel.routes(), self.kernel.owned_rules(), now,
+            links=[(link.name, link.up, link.carrier) for link in self._links.values()],
+            addresses=self._addrs)
 
     def _shutdown(self) -> None:
         if self.pump is not None:

@@ -15,7 +15,9 @@ socket or reads a clock. Per uplink:
   down comes back only after `hold_down` seconds, doubled per flap within `flap_window`.
 
 Initial state is "unknown", which the decision engine treats as alive (like the kernel does): the
-first reply makes it "up", `down_count` losses "down".
+first reply makes it "up", `down_count` losses "down". After a restart, an uplink the previous
+instance had judged down (as its routes in the kernel show, `presume_down`) needs `up_count`
+replies like any recovery, not just one. `verdict_bound` says how long a first verdict can take.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class _Uplink:
     hold: float = 0.0
     last_up: float | None = None
     transitions: int = 0
+    down_before_restart: bool = False  # needs up_count replies for its first "up"
 
     @property
     def targets(self) -> list[_Target]:
@@ -138,6 +141,14 @@ class Detector:
             return
         up.address = present
         self._evaluate(up, now)
+
+    def presume_down(self, uplink: str) -> None:
+        """The previous instance had judged this uplink down: its first "up" needs `up_count`
+        echo replies (a recovery), not the single reply that does for an unknown uplink."""
+        up = self._uplinks[uplink]
+        if up.state == "unknown":
+            up.down_before_restart = True
+            up.reason = "starting (down before the restart)"
 
     def neighbour_failed(self, uplink: str, now: float) -> None:
         """The kernel marked the gateway's neighbour entry FAILED (its probes went unanswered)."""
@@ -217,6 +228,19 @@ class Detector:
         out, self._actions = self._actions, []
         return out
 
+    def verdict_bound(self, uplink: str) -> float:
+        """Seconds from the first probe round within which an uplink whose probes are all
+        answered, or all lost, gets its first verdict: the first send (within one interval),
+        then `down_count` losses or the replies needed, per target, the slowest target last."""
+        up = self._uplinks[uplink]
+        p = up.spec.profile
+        bound = 0.0
+        for t in up.targets:
+            replies = p.up_count if up.down_before_restart and t.kind == "icmp" else 1
+            timeout = p.timeout if t.kind == "icmp" else max(p.timeout, t.interval)
+            bound = max(bound, t.interval * (1 + max(p.down_count, replies)) + timeout)
+        return bound
+
     # ---- judgement -------------------------------------------------------------------------
     def _record(self, up: _Uplink, t: _Target, rtt: float | None, now: float) -> None:
         p = up.spec.profile
@@ -245,7 +269,8 @@ class Detector:
                 t.reason = reason
                 t.consecutive_ok = 0
         if t.up is not True and rtt is not None:
-            needed = 1 if t.up is None else p.up_count
+            first = t.up is None and not (up.down_before_restart and t.kind == "icmp")
+            needed = 1 if first else p.up_count
             if t.consecutive_ok >= needed and not self._quality_bad(p, t):
                 t.up = True
                 t.reason = ""
@@ -299,8 +324,8 @@ class Detector:
         elif healthy is True and up.state != "up":
             if up.state == "down" and now < up.since + up.hold:
                 return  # hold-down: wait (next_timer wakes us at since + hold)
-            self._change(up, "up", "probes answered" if up.state == "down" else "first replies",
-                         now)
+            recovered = up.state == "down" or up.down_before_restart
+            self._change(up, "up", "probes answered" if recovered else "first replies", now)
 
     def _change(self, up: _Uplink, state: State, reason: str, now: float) -> None:
         previous = up.state

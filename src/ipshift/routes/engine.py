@@ -3,12 +3,18 @@
     engine = RoutesEngine(config, now)
     engine.link("wan0", admin_up=True, carrier=True, now=now)      # from netlink
     engine.addresses("wan0", [ip_interface("198.51.100.2/26")], now)
-    engine.kernel_route(route, owned=True, present=True)           # dump, then events
+    engine.kernel_state(routes, rules, now)                        # dump (owned or not) ...
+    engine.kernel_route(route, owned=True, present=True, now=now)  # ... then events
     engine.start(now)
     ... engine.probe_reply("wan0", "icmp", target, seq, now); engine.handle_timer(now)
     for action in engine.actions(): ...                            # SendProbe, InstallRoute, ...
 
 The adapter (daemon.py) is the only caller that touches the kernel.
+
+Restart: `start` looks at what the kernel was found to hold. Owned routes left by a previous
+instance (a kill -9) are kept as they are until the detector has judged the uplinks they depend
+on, within each uplink's verdict bound (Planner.hold); what those routes show about the previous
+verdicts counts until then (an uplink left out was down). Over an empty kernel nothing waits.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ class RoutesEngine:
         self.detector = Detector(config.uplinks, now)
         self.planner = Planner(config)
         self.started = False
+        self._loading = False  # a full read of the kernel is coming in: no reconcile halfway
         self._out: list[Action] = []
         self._by_dev: dict[str, list[str]] = {}
         for up in config.uplinks:
@@ -64,6 +71,26 @@ class RoutesEngine:
         self.planner.kernel_route(route, owned=owned, present=present)
         self._step(now)
 
+    def kernel_state(self, routes: Iterable[tuple[KRoute, bool]], rules: Iterable[KRule],
+                     now: float, *, links: Iterable[tuple[str, bool, bool]] = (),
+                     addresses: dict[str, set[IPInterface]] | None = None) -> None:
+        """A full read of the kernel (at start, and again after a resync): devices as (name,
+        admin up, carrier), their addresses, every route with whether it is owned (by protocol
+        number), the owned rules. Replaces what the engine knew; one reconcile at the end."""
+        self._loading = True
+        try:
+            names = []
+            for name, admin_up, carrier in links:
+                names.append(name)
+                self.link(name, admin_up, carrier, now)
+            if addresses is not None:
+                for dev in names:
+                    self.addresses(dev, addresses.get(dev, set()), now)
+            self.planner.load_kernel(routes, rules)
+        finally:
+            self._loading = False
+        self._step(now)
+
     def kernel_rule(self, rule: KRule, *, present: bool, now: float) -> None:
         self.planner.kernel_rule(rule, present=present)
         self._step(now)
@@ -79,7 +106,14 @@ class RoutesEngine:
         return ok
 
     def start(self, now: float) -> None:
-        """Begin: the initial kernel state has been fed; reconcile and start probing."""
+        """Begin: the initial kernel state has been fed; reconcile and start probing. Owned
+        routes found in the kernel are held until their uplinks are judged (module docstring)."""
+        if self.planner.owns_configured_routes():
+            down = self.planner.down_before_restart()
+            for name in down:
+                self.detector.presume_down(name)
+            self.planner.hold({up.name: now + self.detector.verdict_bound(up.name)
+                               for up in self.config.uplinks}, down)
         self.started = True
         self.detector.handle_timer(now)
         self._step(now)
@@ -108,6 +142,6 @@ class RoutesEngine:
             if isinstance(act, UplinkChanged):
                 self.planner.set_uplink(act.uplink, act.state, act.reason)
             self._out.append(act)
-        if self.started and not self.planner.stopping:
+        if self.started and not self._loading and not self.planner.stopping:
             self.planner.reconcile(now)
         self._out.extend(self.planner.actions())

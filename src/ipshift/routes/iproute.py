@@ -49,7 +49,34 @@ class Problem:
 
     def __str__(self) -> str:
         tag = "" if self.severity == "error" else "warning: "
-        return f"{self.where}: {tag}{self.message}" if self.where else f"{tag}{self.message}"
+        text = f"{self.where}: {tag}{self.message}" if self.where else f"{tag}{self.message}"
+        # one line whatever the input held: control characters (a NUL, a carriage return) are
+        # shown escaped, never written to the terminal
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+IFNAMSIZ = 16  # Linux: an interface name is at most IFNAMSIZ - 1 bytes
+_IFNAME_REFUSED = set('/:"*\\')
+
+
+def interface_problem(name: str) -> str | None:
+    """Why `name` cannot be a Linux interface name here, or None: at most 15 bytes, not `.` or
+    `..`, no '/', ':' or whitespace (the kernel's rules); no '"', '*' or '\\' either, nor control
+    characters (the name is written into an nftables rule, where those quote or match more)."""
+    shown = repr(name) if len(name) <= 40 else repr(name[:40]) + "..."
+    if not name:
+        return "an interface name is empty"
+    if name in (".", ".."):
+        return f"{shown} is not an interface name"
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > IFNAMSIZ - 1:
+        return (f"interface name {shown} is {size} bytes; Linux interface names have at most "
+                f"{IFNAMSIZ - 1}: give the device's name as `ip link` shows it")
+    bad = sorted({c for c in name if c in _IFNAME_REFUSED or c.isspace() or not c.isprintable()})
+    if bad:
+        return (f"interface name {shown} contains {' '.join(repr(c) for c in bad)}: an "
+                "interface name has no whitespace, control characters or any of / : \" * \\")
+    return None
 
 
 class IprouteError(ValueError):
@@ -206,6 +233,13 @@ class Parser:
         return value
 
     @staticmethod
+    def device(word: str) -> str:
+        problem = interface_problem(word)
+        if problem:
+            raise IprouteError(problem)
+        return word
+
+    @staticmethod
     def address(word: str, family: int | None, what: str = "address") -> IPAddress:
         if "%" in word:
             raise IprouteError(f"{what} {word!r}: a zone id (%DEV) is not accepted; give the "
@@ -275,9 +309,9 @@ class Parser:
                 table = self.table(need(word))
                 table_given = True
             elif word in ("iif", "dev"):
-                fields["iif"] = need(word)
+                fields["iif"] = self.device(need(word))
             elif word == "oif":
-                fields["oif"] = need(word)
+                fields["oif"] = self.device(need(word))
             elif word == "fwmark":
                 value = need(word)
                 mark, _, mask = value.partition("/")
@@ -409,7 +443,7 @@ class Parser:
                 fam = fam or addr.version
                 current["gateway"] = addr
             elif word in ("dev", "oif"):
-                current["dev"] = need(word)
+                current["dev"] = self.device(need(word))
             elif word == "weight":
                 weight = self.number(need(word), "weight", 256)
                 if weight < 1:

@@ -16,7 +16,13 @@ a dead uplink's conntrack entries, run hooks). Policy:
   so the kernel never deletes another owner's route for us;
 * conntrack: when an uplink goes down its entries (by NAT source address, and by the uplink's
   mark when flows are pinned) are deleted, never the whole table. With failback `move`, the
-  entries of an uplink that loses its place to a recovered one are deleted too.
+  entries of an uplink that loses its place to a recovered one are deleted too;
+* restart (`hold`): the owned routes a previous instance left in the kernel for configured
+  routes are kept as they are until the uplinks their choice depends on have been judged (or
+  their verdict bound has passed), so a restart never brings back a route into a gateway that
+  was found dead; the kernel's routes also tell which uplinks were down
+  (`down_before_restart`), and until judged those count as down for routes to be added. A
+  route that is missing is installed at once, and a first start (nothing owned) holds nothing.
 """
 
 from __future__ import annotations
@@ -169,13 +175,21 @@ class Planner:
     _moves: set[str] = field(default_factory=set)
     _desired: dict[RouteKey, KRoute] | None = None  # cache; None: recompute on next reconcile
     _dirty: set[RouteKey] = field(default_factory=set)  # keys the kernel reported on since
+    # restart: keys whose owned route a previous instance left; uplinks not judged yet, with the
+    # time their hold ends; uplinks the kernel's routes show were down (until judged)
+    held: set[RouteKey] = field(default_factory=set)
+    hold_until: dict[str, float] = field(default_factory=dict)
+    presumed_down: set[str] = field(default_factory=set)
+    _group_uplinks: dict[RouteKey, frozenset[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for up in self.config.uplinks:
             self.uplink_state.setdefault(up.name, "unknown")
         for g in self.config.groups().values():
             r = g[0]
-            self._groups[(r.family, r.table, r.dst, r.metric, r.tos)] = g
+            key = (r.family, r.table, r.dst, r.metric, r.tos)
+            self._groups[key] = g
+            self._group_uplinks[key] = self._uplinks_of([nh for spec in g for nh in spec.nexthops])
 
     # ---- inputs ----------------------------------------------------------------------------
     def set_uplink(self, name: str, state: str, reason: str = "") -> None:
@@ -184,6 +198,12 @@ class Planner:
             return
         self.uplink_state[name] = state
         self._desired = None
+        was_down = previous == "down" or name in self.presumed_down  # before a restart, too
+        if state != "unknown":  # the engine's own verdict: what was held for it is decided now
+            self.hold_until.pop(name, None)
+            self.presumed_down.discard(name)
+            if not self.hold_until:
+                self.held.clear()
         up = self.config.uplink(name)
         s = self.config.settings
         if state == "down" and s.conntrack:
@@ -191,7 +211,7 @@ class Planner:
             self._actions.append(FlushConntrack(
                 name, self.sources_of(up), up.mark if pinned else None,
                 s.mark_mask if pinned else None, reason))
-        if state == "up" and previous == "down" and s.failback == "move":
+        if state == "up" and was_down and s.failback == "move":
             self._moves.add(name)
         env = (("IPSHIFT_UPLINK", name), ("IPSHIFT_STATE", state),
                ("IPSHIFT_PREVIOUS", previous), ("IPSHIFT_REASON", reason),
@@ -232,6 +252,16 @@ class Planner:
             self.foreign[key].discard(route)
             if not self.foreign[key]:
                 del self.foreign[key]
+
+    def load_kernel(self, routes: Iterable[tuple[KRoute, bool]], rules: Iterable[KRule]) -> None:
+        """A full read of the kernel (start, resync): what it holds replaces what was known;
+        `routes` pairs each route with whether it is owned (by protocol number)."""
+        self.installed.clear()
+        self.foreign.clear()
+        for route, owned in routes:
+            self.kernel_route(route, owned=owned, present=True)
+        self.rules = set(rules)
+        self._desired = None  # a route that went without an event is found by a full pass
 
     def kernel_rule(self, rule: KRule, *, present: bool) -> None:
         if present:
@@ -292,14 +322,24 @@ class Planner:
             return True
         return any(gw in a.network for a in self.addresses.get(nh.dev, ()))
 
-    def alive(self, nh: Nexthop | KNexthop) -> bool:
+    def alive(self, nh: Nexthop | KNexthop, *, presume: bool = True,
+              judged: bool = False) -> bool:
+        """Can this nexthop carry traffic: its link is up, and its uplink is not judged down
+        (nor, with `presume`, shown down by the kernel at a restart and not judged yet; nor,
+        with `judged`, still waiting for its first verdict after a restart)."""
         if nh.dev is None:
             return False
         link = self.links.get(nh.dev)
         if link is None or not link.admin_up or not link.carrier:
             return False
         up = self.config.uplink_for(Nexthop(nh.dev, nh.gateway))
-        return up is None or self.uplink_state.get(up.name) != "down"
+        if up is None:
+            return True
+        if judged and up.name in self.hold_until:
+            return False
+        if presume and up.name in self.presumed_down:
+            return False
+        return self.uplink_state.get(up.name) != "down"
 
     def is_local(self, addr: IPAddress) -> bool:
         return any(a.ip == addr for addrs in self.addresses.values() for a in addrs)
@@ -327,7 +367,10 @@ class Planner:
         return KRoute(spec.family, spec.table, spec.dst, khops, spec.metric, spec.tos, spec.type,
                       spec.kernel_scope(), spec.src)
 
-    def choose(self, group: list[RouteSpec]) -> tuple[KRoute | None, _Selection]:
+    def choose(self, group: list[RouteSpec], *, judged: bool = False
+               ) -> tuple[KRoute | None, _Selection]:
+        """The route to install for one alternative group; `judged`: only paths the verdicts
+        since a restart say are alive count as alive."""
         fallback: tuple[KRoute, _Selection] | None = None
         for i, spec in enumerate(group):
             if spec.type != "unicast":
@@ -335,7 +378,7 @@ class Planner:
             usable = [nh for nh in spec.nexthops if self.usable(nh, spec.src)]
             if not usable:
                 continue
-            alive = [nh for nh in usable if self.alive(nh)]
+            alive = [nh for nh in usable if self.alive(nh, judged=judged)]
             if alive:
                 return self._kroute(spec, alive), _Selection(self._uplinks_of(alive), True, i)
             if fallback is None:
@@ -382,6 +425,81 @@ class Planner:
                             fwmask=s.mark_mask))
         return rules
 
+    # ---- restart ---------------------------------------------------------------------------
+    def owns_configured_routes(self) -> bool:
+        """Does the kernel hold an owned route for a configured key (left by an earlier run)?"""
+        return any(key in self._groups for key in self.installed)
+
+    def down_before_restart(self) -> frozenset[str]:
+        """Uplinks that the owned routes in the kernel show were judged down when they were
+        chosen: left out of a multipath route while usable, or passed over for a later
+        alternative. An uplink some route shows alive is never among them; a first alternative
+        taken whole tells nothing (it is also what stays when every path is dead)."""
+        down: set[str] = set()
+        alive: set[str] = set()
+        for key, group in self._groups.items():
+            current = self.installed.get(key)
+            if current is None:
+                continue
+            passed_over: set[str] = set()
+            for spec in group:
+                if spec.type != "unicast":
+                    break
+                usable = [nh for nh in spec.nexthops if self.usable(nh, spec.src)]
+                if not usable:
+                    continue
+                picked = [nh for nh in usable if any(
+                    k.dev == nh.dev and k.gateway == nh.gateway for k in current.nexthops)]
+                if picked and self._kroute(spec, picked) == current:
+                    left_out = self._uplinks_of([nh for nh in usable if nh not in picked])
+                    if passed_over or left_out:
+                        down |= passed_over | left_out
+                        alive |= self._uplinks_of(picked)
+                    break
+                if any(self.config.uplink_for(nh) is None for nh in usable):
+                    break  # passed over for its link, which says nothing of an uplink
+                passed_over |= self._uplinks_of(usable)
+        return frozenset(down - alive)
+
+    def hold(self, until: dict[str, float], presumed_down: Iterable[str] = ()) -> None:
+        """At start over what a previous instance left: keep its owned routes of configured keys
+        as they are while an uplink their choice depends on is not judged yet, at most until
+        `until[uplink]`; `presumed_down` uplinks count as down until judged."""
+        self.held = {key for key in self.installed if key in self._groups}
+        involved: set[str] = set()
+        for key in self.held:
+            involved |= self._group_uplinks[key]
+        self.hold_until = {name: at for name, at in until.items()
+                           if name in involved and self.uplink_state.get(name) == "unknown"}
+        self.presumed_down = {n for n in presumed_down if n in self.hold_until}
+        if not self.hold_until:
+            self.held.clear()
+        self._desired = None
+
+    def _held(self, key: RouteKey) -> bool:
+        """Is the owned route at `key` kept from before the restart, waiting for verdicts?"""
+        return key in self.held and bool(self._group_uplinks[key] & self.hold_until.keys())
+
+    def _while_held(self, key: RouteKey, current: KRoute) -> KRoute | None:
+        """What may replace a held route: nothing while its paths are alive; once a verdict
+        (or its link) says one of them is dead, the route the verdicts alone choose, if it
+        runs only through uplinks judged alive (never one not judged yet, which could be as
+        dead: swapping would flap)."""
+        if all(self.alive(nh, presume=False) for nh in current.nexthops):
+            return None
+        route, selection = self.choose(self._groups[key], judged=True)
+        return route if selection.alive and route != current else None
+
+    def _expire_holds(self, now: float) -> None:
+        expired = [name for name, at in self.hold_until.items() if at <= now]
+        for name in expired:
+            del self.hold_until[name]
+            self.presumed_down.discard(name)
+        if expired:
+            if not self.hold_until:
+                self.held.clear()
+            self._desired = None  # unknown counts as alive now: a full pass
+
     # ---- reconcile -------------------------------------------------------------------------
     def reconcile(self, now: float) -> None:
         """Emit what brings the kernel to the desired state (idempotent). Incremental: the
@@ -403,7 +521,8 @@ class Planner:
             route = desired.get(key)
             current = self.installed.get(key)
             if route is None:
-                if current is not None and self.retry_at.get(key, 0.0) <= now:
+                if current is not None and self.retry_at.get(key, 0.0) <= now \
+                        and not self._held(key):
                     self._actions.append(RemoveRoute(current))
                     del self.installed[key]
                 continue
@@ -416,6 +535,10 @@ class Planner:
                 continue
             if self.retry_at.get(key, 0.0) > now:
                 continue
+            if current is not None and self._held(key):
+                route = self._while_held(key, current)
+                if route is None:
+                    continue
             self._actions.append(InstallRoute(route, replace=current is not None,
                                               previous=current))
             self.installed[key] = route
@@ -458,9 +581,11 @@ class Planner:
         self.rules.clear()
 
     def next_timer(self) -> float | None:
-        return min(self.retry_at.values()) if self.retry_at else None
+        times = [*self.retry_at.values(), *self.hold_until.values()]
+        return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
+        self._expire_holds(now)
         due = [key for key, at in self.retry_at.items() if at <= now]
         for key in due:
             del self.retry_at[key]
@@ -488,6 +613,8 @@ class Planner:
             state = "installed" if installed else "pending"
             if key in self.foreign:
                 state = "conflict"
+            elif installed and self._held(key):
+                state = "held"  # kept from before a restart until its uplinks are judged
             elif sel is not None and installed and not sel.alive:
                 state = "no alive path"
             rows.append({

@@ -1,6 +1,7 @@
 """Configuration: the seed's iproute2 syntax, TOML, uplink inference and one-line problems."""
 
 import ipaddress
+import os
 from pathlib import Path
 
 import pytest
@@ -396,3 +397,170 @@ def test_rules_take_the_kernels_form(line):
         assert rule.fwmark is None  # mark 0 alone gets mask 0 in the kernel: no mark match
     plain = parse_commands(line.replace("0x1/0xffffffff", "0x1"), tables=TABLES)[0][0]
     assert rule == plain
+
+
+# ---- hostile configurations: one line each, and check and run agree -----------------------
+ROUTE_VIA_WAN0 = '[[route]]\ntable = 100\nvia = "198.51.100.1"\ndev = "wan0"\n'
+
+
+def _no_kernel(*args):
+    raise AssertionError("the daemon went on to the kernel")
+
+
+def one_line_everywhere(path, fragment, monkeypatch, capsys):
+    """`check` finds the problem (exit 1, one line per problem, the first naming it); `load`
+    raises ConfigError; `run` says it in one line and exits 2 before anything else."""
+    from ipshift import cli
+
+    cfg, problems = config.check(path, tables=TABLES)
+    errors = [str(p) for p in problems if p.severity == "error"]
+    assert cfg is None or errors
+    assert errors and fragment in errors[0], errors
+    assert all("\n" not in e and "\r" not in e and e.isprintable() for e in errors)
+    with pytest.raises(ConfigError):
+        config.load(path, tables=TABLES)
+    assert cli.main(["routes", "check", "-c", str(path)]) == 1
+    out = capsys.readouterr()
+    assert fragment in out.out.splitlines()[0]
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    # should the configuration pass after all, the daemon must not go on to a kernel
+    monkeypatch.setattr("ipshift.ctl.protocol.DEFAULT_DIR", path.parent)
+    monkeypatch.setattr("ipshift.routes.daemon.KernelAdapter", _no_kernel)
+    assert cli.main(["routes", "run", "-c", str(path), "--socket",
+                     str(path.parent / "s.sock")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], lines
+
+
+@pytest.mark.parametrize("body", [
+    "x = " + "[" * 100_000 + "\n",
+    "x = " + "{a = " * 5_000 + "1" + "}" * 5_000 + "\n",
+    "x = [" + "{a = [" * 2_000 + "\n",
+])
+def test_deeply_nested_toml_is_one_line(tmp_path, monkeypatch, capsys, body):
+    path = tmp_path / "deep.toml"
+    path.write_text(body)
+    one_line_everywhere(path, "nested too deeply", monkeypatch, capsys)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        config.loads(body, toml=True, tables=TABLES)
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("n" * 300, "300 characters"),
+    ("n" * 65, "65 characters"),
+    ("", "empty"),
+    (".", "dot"),
+    ("..", "dot"),
+    ("a/b", "letters, digits"),
+    ("a:b", "nftables"),
+    ("a@b", "nftables"),
+    ("a b", "letters, digits"),
+    ("r\u00e9seau", "letters, digits"),
+    ("a\\u0000b", "letters, digits"),
+])
+def test_daemon_names_that_cannot_name_a_socket_lock_and_table(tmp_path, monkeypatch, capsys,
+                                                                name, fragment):
+    path = tmp_path / "routes.toml"
+    path.write_text(f'[daemon]\nname = "{name}"\n' + ROUTE_VIA_WAN0)
+    one_line_everywhere(path, fragment, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("name", ["routes", "n" * 64, "isp-a.b_2", "R2"])
+def test_daemon_names_within_the_limits(name):
+    cfg = config.loads(f'[daemon]\nname = "{name}"\n' + ROUTE_VIA_WAN0, toml=True,
+                       tables=TABLES)
+    assert cfg.settings.name == name
+    assert len(f"/run/ipshift/{name}.sock") < 108
+
+
+@pytest.mark.parametrize("interface, fragment", [
+    ("w" * 31, "31 bytes"),
+    ("w" * 16, "16 bytes"),
+    ("\u00e9" * 8, "16 bytes"),  # 8 characters, 16 bytes
+    (".", "not an interface name"),
+    ("..", "not an interface name"),
+    ("wan/0", "'/'"),
+    ("wan:0", "':'"),
+    ("wan 0", "' '"),
+    ("wan\\t0", "'\\t'"),
+    ("wan\\u00010", "'\\x01'"),
+    ("wan*", "'*'"),
+    ('wan\\"0', "'\"'"),
+])
+def test_interface_names_the_kernel_or_nftables_would_refuse(tmp_path, monkeypatch, capsys,
+                                                             interface, fragment):
+    path = tmp_path / "routes.toml"
+    path.write_text(f'[[uplink]]\ninterface = "{interface}"\ngateway = "198.51.100.1"\n')
+    one_line_everywhere(path, fragment, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("line", [
+    "ip route add default via 198.51.100.1 dev {dev} table 100",
+    "ip route add default table 100 nexthop via 198.51.100.1 dev {dev}",
+    "ip route add 203.0.113.0/24 oif {dev}",
+    "ip rule add prio 10 iif {dev} table main",
+    "ip rule add prio 10 oif {dev} table main",
+])
+def test_interface_names_in_iproute2_lines(tmp_path, monkeypatch, capsys, line):
+    path = tmp_path / "routes.ip"
+    path.write_text("ip route add 192.0.2.0/24 dev lan0\n" + line.format(dev="w" * 31) + "\n")
+    one_line_everywhere(path, "31 bytes", monkeypatch, capsys)
+    assert config.check(path, tables=TABLES)[1][0].where == f"{path}:2"
+    ok = config.loads("ip route add 192.0.2.0/24 dev lan0\n" + line.format(dev="w" * 15),
+                      tables=TABLES)
+    assert len(ok.routes) + len(ok.rules) == 2
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ('[[uplink]]\nname = "' + "u" * 65 + '"\ninterface = "wan0"\ngateway = "198.51.100.1"\n',
+     "65 characters"),
+    ('[[uplink]]\nname = "isp 1"\ninterface = "wan0"\ngateway = "198.51.100.1"\n', "whitespace"),
+    ('[[uplink]]\nname = "isp\\n1"\ninterface = "wan0"\ngateway = "198.51.100.1"\n',
+     "whitespace"),
+    ('[[uplink]]\nname = ""\ninterface = "wan0"\ngateway = "198.51.100.1"\n', "empty"),
+])
+def test_uplink_names_go_into_hooks_and_logs(tmp_path, monkeypatch, capsys, body, fragment):
+    path = tmp_path / "routes.toml"
+    path.write_text(body)
+    one_line_everywhere(path, fragment, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".ip"])
+@pytest.mark.parametrize("data, fragment", [
+    (bytes(range(256)) * 4, "UTF-8"),
+    (b"\xff\xfe[daemon]\n", "UTF-8"),
+    (b"\x00" * 64, ""),
+    (b"ip route add default via 198.51.100.1 dev wa\x00n0\n", ""),
+])
+def test_binary_and_non_utf8_configs_are_one_line(tmp_path, monkeypatch, capsys, suffix, data,
+                                                   fragment):
+    path = tmp_path / f"routes{suffix}"
+    path.write_bytes(data)
+    one_line_everywhere(path, fragment, monkeypatch, capsys)
+
+
+def test_an_include_that_never_ends_or_has_a_nul_in_its_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "MAX_CONFIG_BYTES", 1 << 16)
+    top = tmp_path / "routes.toml"
+    top.write_text('include = ["/dev/zero"]\n' + ROUTE_VIA_WAN0)
+    _, problems = config.check(top)
+    assert "larger than" in str(problems[0]) and "/dev/zero" in str(problems[0])
+    top.write_text('include = ["a\\u0000b"]\n' + ROUTE_VIA_WAN0)
+    _, problems = config.check(top)
+    assert "NUL" in str(problems[0]) and "\x00" not in str(problems[0])
+    _, problems = config.check("/dev/zero")
+    assert len(problems) == 1 and "larger than" in str(problems[0])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=400), st.sampled_from([".toml", ".ip"]))
+def test_any_bytes_give_a_config_or_one_line_problems(data, suffix):
+    """Whatever a file holds: check never raises, and every problem is one printable line."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"routes{suffix}"
+        path.write_bytes(data)
+        _cfg, problems = config.check(path, tables=TABLES)
+    for p in problems:
+        assert str(p).isprintable(), str(p)
