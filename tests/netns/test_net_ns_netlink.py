@@ -282,3 +282,65 @@ def test_link_down_event_is_seen(pair):
     assert any(map(link_down, seen))
     gone = [e.obj for e in seen if route_gone(e)]
     assert gone
+
+
+def test_secondary_flag_and_lifetimes_read_back(pair):
+    a, nl = pair
+    nl.add_address("to-b1", "192.0.2.10/24")  # the subnet's second address: secondary
+    nl.add_address("to-b2", "203.0.113.5/24", valid_lft=300, preferred_lft=100)
+    nl.add_address("to-b2", "2001:db8:2::5/64", nodad=True, valid_lft=600, preferred_lft=0)
+    nl.add_address("to-b2", "203.0.113.130/25", noprefixroute=True)
+    by_cidr = {x.cidr: x for x in nl.addresses()}
+    first, second = by_cidr["192.0.2.1/24"], by_cidr["192.0.2.10/24"]
+    assert not first.secondary and second.secondary
+    assert first.permanent and first.forever and first.valid_lft is None
+    timed = by_cidr["203.0.113.5/24"]
+    assert not timed.permanent and not timed.secondary
+    assert timed.valid_lft is not None and 0 < timed.valid_lft <= 300
+    assert timed.preferred_lft is not None and timed.preferred_lft <= 100
+    six = by_cidr["2001:db8:2::5/64"]
+    assert six.deprecated and six.preferred_lft == 0 and six.valid_lft is not None
+    assert not six.temporary and not six.secondary
+    quiet = by_cidr["203.0.113.130/25"]
+    assert quiet.noprefixroute and quiet.permanent
+    assert nl.routes(dst="203.0.113.128/25") == []  # no prefix route for it
+    assert nl.routes(dst="203.0.113.0/24") != []
+    # the kernel agrees
+    assert "secondary" in a.ip("-4", "addr", "show", "dev", "to-b1")
+    shown = a.ip_json("-6", "addr", "show", "dev", "to-b2")[0]["addr_info"]
+    (six_shown,) = [x for x in shown if x["local"] == "2001:db8:2::5"]
+    assert 0 < six_shown["valid_life_time"] <= 600 and six_shown["preferred_life_time"] == 0
+    # replace refreshes the lifetimes of an address that is there, and forever again
+    nl.add_address("to-b2", "203.0.113.5/24", replace=True, valid_lft=3000, preferred_lft=3000)
+    longer = {x.cidr: x for x in nl.addresses("to-b2")}["203.0.113.5/24"]
+    assert longer.valid_lft is not None and longer.valid_lft > 300
+    nl.add_address("to-b2", "203.0.113.5/24", replace=True)
+    refreshed = {x.cidr: x for x in nl.addresses("to-b2")}["203.0.113.5/24"]
+    assert refreshed.forever and refreshed.permanent
+    with pytest.raises(ValueError, match="longer than valid_lft"):
+        nl.add_address("to-b2", "203.0.113.6/24", valid_lft=10, preferred_lft=20)
+
+
+def test_sysctl_in_a_namespace(pair, lab):
+    from ipshift.net import sysctl
+
+    a, _ = pair
+    b1 = lab.nodes["b1"]
+    a.ip("link", "add", "x0.100", "type", "veth", "peer", "name", "x1.100")
+    host_value = sysctl.read("net.ipv4.ip_forward")
+    assert not sysctl.forwarding(a.ns)
+    sysctl.write("net.ipv6.conf.all.forwarding", 1, netns=a.ns)
+    assert sysctl.forwarding(a.ns) and not sysctl.forwarding(a.ns, socket.AF_INET)
+    assert sysctl.read("net.ipv4.ip_forward") == host_value  # ours is untouched
+    assert not sysctl.forwarding(b1.ns)
+    # an interface name with a dot, in dotted, slashed and list form
+    sysctl.write("net.ipv4.conf.x0.100.rp_filter", 2, netns=a.ns)
+    assert sysctl.read("net/ipv4/conf/x0.100/rp_filter", a.ns) == "2"
+    assert sysctl.read(["net", "ipv4", "conf", "x0.100", "rp_filter"], a.ns) == "2"
+    assert sysctl.read("net.ipv4.conf.x1.100.rp_filter", a.ns) != "2"
+    assert a.run(["cat", "/proc/sys/net/ipv4/conf/x0.100/rp_filter"]).stdout.strip() == "2"
+    with pytest.raises(sysctl.SysctlError) as info:
+        sysctl.read("net.ipv4.conf.to-b9.rp_filter", a.ns)
+    assert info.value.errno == errno.ENOENT and f"in namespace {a.ns}" in str(info.value)
+    with pytest.raises(sysctl.SysctlError, match="refused the value"):
+        sysctl.write("net.ipv4.conf.x0.100.rp_filter", "many", netns=a.ns)
