@@ -18,6 +18,7 @@ from ipshift.daemon.cli import (
     start_logging,
     stop_instance,
 )
+from ipshift.daemon.instance import name_problem
 from ipshift.routes import config
 from ipshift.routes.model import PROFILES, RoutesConfig
 from ipshift.ui import UserError
@@ -30,7 +31,11 @@ ROUTE_COLUMNS = ("route", "active", "state")
 def _socket(args: argparse.Namespace, name: str = "routes") -> Path:
     if getattr(args, "socket", None):
         return Path(args.socket)
-    return socket_path(getattr(args, "name", None) or name)
+    name = getattr(args, "name", None) or name
+    problem = name_problem(name, "daemon name")
+    if problem:
+        raise UserError(f"--name: {problem}")
+    return socket_path(name)
 
 
 def _load(args: argparse.Namespace) -> RoutesConfig:

@@ -65,3 +65,11 @@ def test_every_daemon_has_status_and_stop(component: str,
             cli.main([component, action, "--help"])
         assert info.value.code == 0
     assert "--json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["../../etc/x", "a b", "x" * 65])
+def test_routes_status_name_is_checked(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    for action in ("status", "stop"):
+        assert cli.main(["routes", action, "--name", name]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--name" in err[0], err
