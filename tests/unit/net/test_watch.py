@@ -400,3 +400,12 @@ def test_change_dev_and_kind():
                       nexthops=(NextHop("192.0.2.1", "eth1"),))
     assert Change(REMOVED, multipath).dev == "eth1"
     assert Change(ADDED, addr("2001:db8::1/64")).obj.family == socket.AF_INET6
+
+
+def test_bridge_forwarding_entries_are_not_neighbours(view):
+    """A bridge's FDB notifications come as neighbour messages without an IP address."""
+    fdb = Neighbour("None", 2, "eth0", lladdr="02:00:00:00:00:01", state=0x80)
+    assert view.apply([new(fdb), gone(fdb)]) == []
+    assert view.reload("neighbour", [fdb]) == [
+        Change(REMOVED, Neighbour("192.0.2.254", 2, "eth0", state=NUD_REACHABLE))]
+    assert view.neighbours() == []

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -81,6 +82,14 @@ def _identical(a: Watched, b: Watched) -> bool:
     """Equal including the fields left out of equality (kernel state: route and next-hop
     flags, ifindex)."""
     return a == b and dataclasses.astuple(a) == dataclasses.astuple(b)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _same_address(a: Address, b: Address) -> bool:
@@ -244,7 +253,8 @@ class KernelView:
 
     def _reload_neighbours(self, neighbours: list[Neighbour]) -> list[Change]:
         old = self._neighbours
-        self._neighbours = {(n.ifindex, n.dst): self._named(n) for n in neighbours}
+        self._neighbours = {(n.ifindex, n.dst): self._named(n) for n in neighbours
+                            if _is_ip(n.dst)}
         changes: list[Change] = []
         for key, n in self._neighbours.items():
             before = old.get(key)
@@ -267,7 +277,8 @@ class KernelView:
                 changes += self._apply_address(self._named(obj), gone)
             elif isinstance(obj, Route) and "route" in self.kinds:
                 changes += self._apply_route(self._named_route(obj), gone)
-            elif isinstance(obj, Neighbour) and "neighbour" in self.kinds:
+            elif isinstance(obj, Neighbour) and "neighbour" in self.kinds and _is_ip(obj.dst):
+                # (bridge forwarding entries come as neighbours without an IP address)
                 changes += self._apply_neighbour(self._named(obj), gone)
         return self._reported(changes)
 
