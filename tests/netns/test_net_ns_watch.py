@@ -167,3 +167,18 @@ def test_after_many_kinds_of_change_the_view_is_still_the_kernels(pair):
     assert view_of(watcher) == kernel_view(nl)
     assert {(n.dst, n.dev) for n in watcher.neighbours()} == {
         (n.dst, n.dev) for n in nl.neighbours()}
+
+
+def test_rules_are_watched_when_asked_for(lab):
+    from ipshift.net.netlink import Rule
+
+    a, b = lab.host("a"), lab.host("b")
+    lab.link(a, b, "192.0.2.1/24", "192.0.2.2/24")
+    with Netlink(a.ns) as nl, KernelWatcher(a.ns, ("rule",), netlink=nl) as watcher:
+        assert set(watcher.rules()) == set(nl.rules())  # the kernel's default rules
+        rule = Rule(1000, table=100, src="203.0.113.0/24", proto=73)
+        nl.add_rule(rule)
+        collect(watcher, has(ADDED, "rule", lambda r: r == rule and r.proto == 73))
+        nl.del_rule(rule)
+        collect(watcher, has(REMOVED, "rule", lambda r: r == rule))
+        assert set(watcher.rules()) == set(nl.rules())

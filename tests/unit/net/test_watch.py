@@ -409,3 +409,20 @@ def test_bridge_forwarding_entries_are_not_neighbours(view):
     assert view.reload("neighbour", [fdb]) == [
         Change(REMOVED, Neighbour("192.0.2.254", 2, "eth0", state=NUD_REACHABLE))]
     assert view.neighbours() == []
+
+
+def test_rules_when_asked_for():
+    from ipshift.net.netlink import Rule
+
+    mine = Rule(1000, table=100, src="192.0.2.0/24", proto=73)
+    v = KernelView(kinds=("rule",))
+    assert summary(v.load(LINKS, rules=[mine])) == [("added", "rule", None)]
+    assert v.apply([new(mine)]) == []
+    other_owner = Rule(1000, table=100, src="192.0.2.0/24", proto=4)
+    (change,) = v.apply([new(other_owner)])  # equal but for the protocol: a change
+    assert change.action == CHANGED and change.previous.proto == 73
+    by_iif = Rule(1001, table=101, iif="eth1")
+    assert summary(v.apply([new(by_iif), gone(mine)])) == [
+        ("added", "rule", "eth1"), ("removed", "rule", None)]
+    assert v.rules() == [by_iif] and v.rules(socket.AF_INET6) == []
+    assert summary(v.reload("rule", [])) == [("removed", "rule", "eth1")]

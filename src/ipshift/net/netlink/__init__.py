@@ -136,6 +136,7 @@ from ipshift.net.netlink.parse import (
 from ipshift.net.netlink.watch import (
     ADDED,
     CHANGED,
+    DEFAULT_KINDS,
     KINDS,
     REMOVED,
     Change,
@@ -146,6 +147,7 @@ from ipshift.net.netlink.watch import (
 __all__ = [
     "ADDED",
     "CHANGED",
+    "DEFAULT_KINDS",
     "EVENT_GROUPS",
     "IFA_F_DADFAILED",
     "IFA_F_DEPRECATED",

@@ -27,17 +27,18 @@ from typing import Any, Protocol, TypeVar
 
 from ipshift.net.netlink.client import Netlink
 from ipshift.net.netlink.events import EventsOverrunError, NetlinkEvents
-from ipshift.net.netlink.objects import Address, Link, Neighbour, NetlinkEvent, Route
+from ipshift.net.netlink.objects import Address, Link, Neighbour, NetlinkEvent, Route, Rule
 
-KINDS = ("link", "address", "route", "neighbour")
+KINDS = ("link", "address", "route", "rule", "neighbour")
+DEFAULT_KINDS = ("link", "address", "route", "neighbour")
 ADDED, REMOVED, CHANGED = "added", "removed", "changed"
 
-Watched = Link | Address | Route | Neighbour
+Watched = Link | Address | Route | Rule | Neighbour
 AddressesCallback = Callable[[str, list[Address]], None]
 _Dev = TypeVar("_Dev", Address, Neighbour)
 
 _KIND_OF: dict[type, str] = {
-    Link: "link", Address: "address", Route: "route", Neighbour: "neighbour",
+    Link: "link", Address: "address", Route: "route", Rule: "rule", Neighbour: "neighbour",
 }
 
 
@@ -56,10 +57,13 @@ class Change:
 
     @property
     def dev(self) -> str | None:
-        """The interface it concerns (a link's own name; a multipath route's first hop)."""
+        """The interface it concerns (a link's own name; a multipath route's first hop; a
+        rule's input, else output interface)."""
         obj = self.obj
         if isinstance(obj, Link):
             return obj.name
+        if isinstance(obj, Rule):
+            return obj.iif or obj.oif
         if isinstance(obj, Route) and obj.dev is None and obj.nexthops:
             return obj.nexthops[0].dev
         return obj.dev
@@ -105,7 +109,7 @@ class KernelView:
     only when named in `kinds`, and changes are reported only for the kinds named.
     """
 
-    def __init__(self, kinds: Sequence[str] = KINDS) -> None:
+    def __init__(self, kinds: Sequence[str] = DEFAULT_KINDS) -> None:
         unknown = set(kinds) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown kinds {sorted(unknown)}: use {list(KINDS)}")
@@ -116,6 +120,7 @@ class KernelView:
         self._addresses: dict[int, dict[AddressKey, Address]] = {}
         self._routes: dict[Route, Route] = {}  # by what can be set; the value has kernel state
         self._neighbours: dict[tuple[int, str], Neighbour] = {}
+        self._rules: dict[Rule, Rule] = {}  # by equality, which leaves the protocol out
         self._stale: set[str] = set()
 
     # --- reading the view ------------------------------------------------------------------
@@ -147,6 +152,9 @@ class KernelView:
             return []
         return [n for n in self._neighbours.values() if index is None or n.ifindex == index]
 
+    def rules(self, family: int | None = None) -> list[Rule]:
+        return [r for r in self._rules.values() if family is None or r.family == family]
+
     def neighbour(self, dst: str, dev: str) -> Neighbour | None:
         index = self._index_of.get(dev)
         return self._neighbours.get((index, dst)) if index is not None else None
@@ -163,11 +171,13 @@ class KernelView:
         addresses: Iterable[Address] = (),
         routes: Iterable[Route] = (),
         neighbours: Iterable[Neighbour] = (),
+        rules: Iterable[Rule] = (),
     ) -> list[Change]:
         """Replace the view with a dump of every watched kind; returns the differences (all
         "added" on the first load)."""
         changes = self.reload("link", links)
-        for kind, objects in (("address", addresses), ("route", routes),
+        objects: Iterable[Watched]
+        for kind, objects in (("address", addresses), ("route", routes), ("rule", rules),
                               ("neighbour", neighbours)):
             if kind in self.kinds:
                 changes += self.reload(kind, objects)
@@ -185,6 +195,8 @@ class KernelView:
             return self._reload_routes([o for o in objects if isinstance(o, Route)])
         if kind == "neighbour":
             return self._reload_neighbours([o for o in objects if isinstance(o, Neighbour)])
+        if kind == "rule":
+            return self._reload_rules([o for o in objects if isinstance(o, Rule)])
         raise ValueError(f"unknown kind {kind!r}: use {list(KINDS)}")
 
     def _reload_links(self, links: list[Link]) -> list[Change]:
@@ -265,6 +277,19 @@ class KernelView:
         changes += [Change(REMOVED, n) for key, n in old.items() if key not in self._neighbours]
         return self._reported(changes)
 
+    def _reload_rules(self, rules: list[Rule]) -> list[Change]:
+        old = self._rules
+        self._rules = {r: r for r in rules}
+        changes: list[Change] = []
+        for r in self._rules.values():
+            before = old.get(r)
+            if before is None:
+                changes.append(Change(ADDED, r))
+            elif not _identical(before, r):
+                changes.append(Change(CHANGED, r, before))
+        changes += [Change(REMOVED, r) for r in old.values() if r not in self._rules]
+        return self._reported(changes)
+
     # --- notifications ---------------------------------------------------------------------
     def apply(self, events: Iterable[NetlinkEvent]) -> list[Change]:
         """Apply notifications in the order the kernel sent them; returns the differences."""
@@ -277,6 +302,8 @@ class KernelView:
                 changes += self._apply_address(self._named(obj), gone)
             elif isinstance(obj, Route) and "route" in self.kinds:
                 changes += self._apply_route(self._named_route(obj), gone)
+            elif isinstance(obj, Rule) and "rule" in self.kinds:
+                changes += self._apply_rule(obj, gone)
             elif isinstance(obj, Neighbour) and "neighbour" in self.kinds and _is_ip(obj.dst):
                 # (bridge forwarding entries come as neighbours without an IP address)
                 changes += self._apply_neighbour(self._named(obj), gone)
@@ -363,6 +390,18 @@ class KernelView:
         self._routes[r] = r
         return [Change(ADDED, r)]
 
+    def _apply_rule(self, rule: Rule, gone: bool) -> list[Change]:
+        before = self._rules.get(rule)
+        if gone:
+            if before is None:
+                return []
+            del self._rules[rule]
+            return [Change(REMOVED, before)]
+        self._rules[rule] = rule
+        if before is None:
+            return [Change(ADDED, rule)]
+        return [] if _identical(before, rule) else [Change(CHANGED, rule, before)]
+
     def _apply_neighbour(self, n: Neighbour, gone: bool) -> list[Change]:
         key = (n.ifindex, n.dst)
         before = self._neighbours.get(key)
@@ -426,6 +465,7 @@ class Dumper(Protocol):
     def addresses(self) -> list[Address]: ...
     def routes(self, table: int | None = ...) -> list[Route]: ...
     def neighbours(self) -> list[Neighbour]: ...
+    def rules(self) -> list[Rule]: ...
     def close(self) -> None: ...
 
 
@@ -450,7 +490,7 @@ class KernelWatcher:
     def __init__(
         self,
         netns: str | None = None,
-        kinds: Sequence[str] = KINDS,
+        kinds: Sequence[str] = DEFAULT_KINDS,
         *,
         rcvbuf: int = 4 << 20,
         netlink: Dumper | None = None,
@@ -498,6 +538,9 @@ class KernelWatcher:
 
     def neighbours(self, dev: str | None = None) -> list[Neighbour]:
         return self.view.neighbours(dev)
+
+    def rules(self, family: int | None = None) -> list[Rule]:
+        return self.view.rules(family)
 
     def on_addresses_changed(
         self, dev: str, callback: AddressesCallback
@@ -596,8 +639,9 @@ class KernelWatcher:
         """Dump every watched kind and make it the view."""
         links = self._dump_kind("link")
         rest = {kind: self._dump_kind(kind) if kind in self.kinds else []
-                for kind in ("address", "route", "neighbour")}
-        return self.view.load(links, rest["address"], rest["route"], rest["neighbour"])
+                for kind in ("address", "route", "neighbour", "rule")}
+        return self.view.load(links, rest["address"], rest["route"], rest["neighbour"],
+                              rest["rule"])
 
     def _dump_kind(self, kind: str) -> list[Any]:
         assert self._netlink is not None
@@ -611,6 +655,8 @@ class KernelWatcher:
             return self._netlink.addresses()
         if kind == "route":
             return self._netlink.routes(None)
+        if kind == "rule":
+            return self._netlink.rules()
         return self._netlink.neighbours()
 
     # --- lifecycle -----------------------------------------------------------------------------
