@@ -1,5 +1,6 @@
 """KernelView (the watcher's view and diff, no kernel) and KernelWatcher around fake I/O."""
 
+import dataclasses
 import socket
 
 import pytest
@@ -426,3 +427,47 @@ def test_rules_when_asked_for():
         ("added", "rule", "eth1"), ("removed", "rule", None)]
     assert v.rules() == [by_iif] and v.rules(socket.AF_INET6) == []
     assert summary(v.reload("rule", [])) == [("removed", "rule", "eth1")]
+
+
+# routes that share slots (destination and metric) in every way the kernel lets them
+POOL_ROUTES = [Route(dst, gateway=gateway, dev=dev, metric=metric, ifindex=index, flags=flags)
+               for dst, gateways in (("2001:db8:9::/48", ("fe80::1", "fe80::2")),
+                                     ("198.51.100.0/24", ("192.0.2.254", "192.0.2.253")))
+               for gateway, dev, index in zip(gateways, ("eth0", "eth1"), (2, 3), strict=True)
+               for metric in (None, 1024) for flags in (0, 16)]
+
+
+def _routes_after(changes, before):
+    now = {r: r for r in before}
+    for c in changes:
+        if c.action == REMOVED:
+            assert c.obj in now
+            del now[c.obj]
+        elif c.action == CHANGED and c.previous != c.obj:  # one route took another's place
+            assert c.previous in now and c.obj not in now
+            del now[c.previous]
+            now[c.obj] = c.obj
+        else:
+            assert (c.obj in now) == (c.action == CHANGED)
+            now[c.obj] = c.obj
+    return {r: _astuple(r) for r in now.values()}
+
+
+def _astuple(route):
+    return dataclasses.astuple(route)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["new", "del"]), st.sampled_from(POOL_ROUTES)),
+                max_size=25),
+       st.lists(st.sampled_from(POOL_ROUTES), max_size=5, unique=True))
+def test_route_changes_describe_the_view_and_a_dump_settles_it(events, truth):
+    v = KernelView(kinds=("route",))
+    v.load(LINKS)
+    before = v.routes()
+    changes = v.apply(NetlinkEvent(action, obj) for action, obj in events)
+    assert _routes_after(changes, before) == {r: _astuple(r) for r in v.routes()}
+    before = v.routes()
+    settled = v.reload("route", truth)
+    assert v.stale == frozenset()
+    assert _routes_after(settled, before) == {r: _astuple(r) for r in truth}

@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import socket
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -119,6 +120,7 @@ class KernelView:
         self._index_of: dict[str, int] = {}
         self._addresses: dict[int, dict[AddressKey, Address]] = {}
         self._routes: dict[Route, Route] = {}  # by what can be set; the value has kernel state
+        self._slots: Counter[tuple[int, int, str, int]] = Counter()  # routes per _route_slot
         self._neighbours: dict[tuple[int, str], Neighbour] = {}
         self._rules: dict[Rule, Rule] = {}  # by equality, which leaves the protocol out
         self._stale: set[str] = set()
@@ -240,6 +242,7 @@ class KernelView:
         self._routes = {}
         for r in map(self._named_route, routes):
             self._routes[r] = r
+        self._slots = Counter(_route_slot(r) for r in self._routes)
         changes: list[Change] = []
         added = [r for r in self._routes.values() if r not in old]
         removed = [r for r in old.values() if r not in self._routes]
@@ -352,42 +355,46 @@ class KernelView:
         self._mark_stale("route")  # their `dev` names the old name
 
     def _apply_address(self, a: Address, gone: bool) -> list[Change]:
-        per_dev = self._addresses.setdefault(a.ifindex, {})
         key = _address_key(a)
-        before = per_dev.get(key)
+        before = self._addresses.get(a.ifindex, {}).get(key)
         if gone:
             if a.family == socket.AF_INET:
                 self._mark_stale("route")  # IPv4 routes with it as source go silently
             if before is None:
                 return []
-            del per_dev[key]
+            del self._addresses[a.ifindex][key]
             return [Change(REMOVED, before)]
         if a.ifindex not in self._links:
             return []  # an address of a link already gone: a late notification
-        per_dev[key] = a
+        self._addresses.setdefault(a.ifindex, {})[key] = a
         if before is None:
             return [Change(ADDED, a)]
         return [] if _identical(before, a) else [Change(CHANGED, a, before)]
 
     def _apply_route(self, r: Route, gone: bool) -> list[Change]:
         before = self._routes.get(r)
+        slot = _route_slot(r)
         if gone:
             if before is not None:
                 del self._routes[r]
+                self._slots[slot] -= 1
+                if not self._slots[slot]:
+                    del self._slots[slot]
                 return [Change(REMOVED, before)]
-            if any(_route_slot(x) == _route_slot(r) for x in self._routes):
+            if self._slots[slot]:
                 # one path of an IPv6 multipath route (the kernel announces paths one by one)
                 self._mark_stale("route")
             return []
         if before is not None:
             self._routes[r] = r
             return [] if _identical(before, r) else [Change(CHANGED, r, before)]
-        if any(_route_slot(x) == _route_slot(r) for x in self._routes):
+        if self._slots[slot]:
             # a replace, an appended path, or a route of another device in the same slot:
             # the notification does not say which; the dump it asks for will report it
             self._mark_stale("route")
             return []
         self._routes[r] = r
+        self._slots[slot] += 1
         return [Change(ADDED, r)]
 
     def _apply_rule(self, rule: Rule, gone: bool) -> list[Change]:
