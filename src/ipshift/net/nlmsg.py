@@ -1,5 +1,6 @@
-"""Netlink framing shared by the hand-written netlink codecs (ctnetlink, sock_diag, batched
-route changes): message headers, type-length-value attributes, and walking a datagram.
+"""Netlink framing shared by the hand-written netlink codecs (ctnetlink, nfnetlink_queue,
+sock_diag, batched route changes): message headers, type-length-value attributes, the nfnetlink
+header, and walking a datagram.
 
 Everything here is pure; malformed input raises `ParseError` (a `NetError`).
 """
@@ -14,12 +15,17 @@ from ipshift.net.errors import ParseError
 
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
 NLA_F_NESTED = 0x8000
 NLA_TYPE_MASK = 0x3FFF  # without the nested / net-byte-order flags
 
 HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 ATTR = struct.Struct("=HH")  # length, type (rtattr and nlattr share the layout)
 _ERRNO = struct.Struct("=i")
+#: struct nfgenmsg: family, version, resource id (a queue number, ...; network byte order)
+NFGENMSG = struct.Struct("!BBH")
+NFNETLINK_V0 = 0
 
 
 class Message(NamedTuple):
@@ -39,6 +45,22 @@ def attr(kind: int, payload: bytes, *, nested: bool = False) -> bytes:
     length = ATTR.size + len(payload)
     return (ATTR.pack(length, kind | (NLA_F_NESTED if nested else 0)) + payload
             + bytes((-length) & 3))
+
+
+def netfilter_message(subsystem: int, msg_type: int, flags: int, seq: int, family: int,
+                      res_id: int, attrs: bytes) -> bytes:
+    """One nfnetlink message: header, nfgenmsg, attributes."""
+    return message(subsystem << 8 | msg_type, flags, seq,
+                   NFGENMSG.pack(family, NFNETLINK_V0, res_id) + attrs)
+
+
+def netfilter_header(body: bytes, what: str = "nfnetlink") -> tuple[int, int]:
+    """(family, resource id) of an nfnetlink message body; its attributes start at
+    `NFGENMSG.size`."""
+    if len(body) < NFGENMSG.size:
+        raise ParseError(f"{what} message shorter than its nfgenmsg header")
+    family, _version, res_id = NFGENMSG.unpack_from(body)
+    return family, res_id
 
 
 def messages(data: bytes) -> Iterator[Message]:

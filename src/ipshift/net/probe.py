@@ -13,6 +13,7 @@ withdrawn elsewhere. ARP requests carry the route's preferred source address as 
 All sockets are non-blocking; `fileno()` goes to `loop.add_reader`. Send errors (device down,
 no route, address gone) are returned as False and count as a lost probe, never raised: the
 detector decides what a silent uplink means. Malformed packets are skipped and counted.
+The messages themselves are built and parsed by `ipshift.packet.icmp` and `ipshift.packet.nd`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,14 @@ import struct
 
 from ipshift.net.errors import NetError
 from ipshift.packet.arp import ARP_REPLY, BROADCAST_MAC, ETH_P_ARP, ArpPacket
-from ipshift.packet.checksum import internet_checksum
 from ipshift.packet.errors import PacketError
+from ipshift.packet.icmp import ICMP_ECHO_REPLY, ICMPV6_ECHO_REPLY, echo_message
+from ipshift.packet.nd import (
+    ND_NEIGHBOR_ADVERT,
+    build_neighbour_solicit,
+    parse_neighbour_advert,
+    solicited_node,
+)
 from ipshift.packet.protocols import IPPROTO_ICMP, IPPROTO_ICMPV6
 from ipshift.packet.transport import ICMPHeader
 
@@ -35,10 +42,6 @@ IPV6_FREEBIND = 78
 SOL_RAW = 255
 ICMP_FILTER = 1
 ICMP6_FILTER = 1
-ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST = 0, 8
-ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY = 128, 129
-ND_NEIGHBOR_SOLICIT, ND_NEIGHBOR_ADVERT = 135, 136
-ND_OPT_SOURCE_LINKADDR = 1
 
 
 class ProbeSocketError(NetError):
@@ -110,16 +113,15 @@ class EchoSocket:
 
     def send(self, target: str, seq: int) -> bool:
         if self.family == socket.AF_INET:
-            hdr = ICMPHeader.echo(ICMP_ECHO_REQUEST, self.ident, seq & 0xFFFF)
-            hdr.checksum = internet_checksum(hdr.pack() + self.payload)
             addr: tuple[object, ...] = (target, 0)
+            message = echo_message(4, self.ident, seq & 0xFFFF, self.payload)
         else:
-            hdr = ICMPHeader.echo(ICMPV6_ECHO_REQUEST, self.ident, seq & 0xFFFF)
             ip6 = ipaddress.IPv6Address(target)
             addr = (target, 0, 0, self._scope if ip6.is_link_local else 0)
             # the kernel computes ICMPv6 checksums on raw sockets
+            message = echo_message(6, self.ident, seq & 0xFFFF, self.payload)
         try:
-            self._sock.sendto(hdr.pack() + self.payload, addr)
+            self._sock.sendto(message, addr)
         except OSError:
             self.send_errors += 1
             return False
@@ -280,27 +282,6 @@ class NeighbourSolicitSocket:
 
     def close(self) -> None:
         self._sock.close()
-
-
-def solicited_node(addr: ipaddress.IPv6Address) -> ipaddress.IPv6Address:
-    """ff02::1:ffXX:XXXX for `addr` (RFC 4291 2.7.1)."""
-    return ipaddress.IPv6Address(b"\xff\x02" + b"\x00" * 9 + b"\x01\xff" + addr.packed[13:])
-
-
-def build_neighbour_solicit(target: ipaddress.IPv6Address, mac: bytes | None) -> bytes:
-    """ICMPv6 neighbour solicitation (checksum left 0: the kernel fills it on raw sockets)."""
-    body = struct.pack("!BBHI", ND_NEIGHBOR_SOLICIT, 0, 0, 0) + target.packed
-    if mac:
-        body += struct.pack("!BB", ND_OPT_SOURCE_LINKADDR, 1) + mac
-    return body
-
-
-def parse_neighbour_advert(data: bytes) -> ipaddress.IPv6Address:
-    if len(data) < 24:
-        raise PacketError("truncated", "neighbour advertisement needs 24 bytes")
-    if data[0] != ND_NEIGHBOR_ADVERT:
-        raise PacketError("bad-type", f"ICMPv6 type {data[0]} is not a neighbour advertisement")
-    return ipaddress.IPv6Address(bytes(data[8:24]))
 
 
 def _icmp6_filter(*passed: int) -> bytes:

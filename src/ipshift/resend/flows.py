@@ -13,14 +13,28 @@ import struct
 from dataclasses import dataclass
 
 from ipshift.packet import FlowRewrite, PacketError, decrement_hop_limit, parse_packet
+from ipshift.packet import icmp as _icmp
+from ipshift.packet.protocols import IPPROTO_ICMP as PROTO_ICMP
+from ipshift.packet.protocols import IPPROTO_ICMPV6 as PROTO_ICMPV6
+from ipshift.packet.protocols import IPPROTO_TCP as PROTO_TCP
+from ipshift.packet.protocols import IPPROTO_UDP as PROTO_UDP
 
-PROTO_ICMP = 1
-PROTO_TCP = 6
-PROTO_UDP = 17
-PROTO_ICMPV6 = 58
+__all__ = [
+    "ICMP_ECHO_REPLY",
+    "ICMP_ECHO_REQUEST",
+    "PROTO_ICMP",
+    "PROTO_ICMPV6",
+    "PROTO_TCP",
+    "PROTO_UDP",
+    "FlowKey",
+    "PacketInfo",
+    "describe",
+    "not_beyond_link",
+    "rewrite_source",
+]
 
-ICMP_ECHO_REQUEST = {PROTO_ICMP: 8, PROTO_ICMPV6: 128}
-ICMP_ECHO_REPLY = {PROTO_ICMP: 0, PROTO_ICMPV6: 129}
+ICMP_ECHO_REQUEST = {PROTO_ICMP: _icmp.ICMP_ECHO_REQUEST, PROTO_ICMPV6: _icmp.ICMPV6_ECHO_REQUEST}
+ICMP_ECHO_REPLY = {PROTO_ICMP: _icmp.ICMP_ECHO_REPLY, PROTO_ICMPV6: _icmp.ICMPV6_ECHO_REPLY}
 _ECHO = struct.Struct("!BBHHH")  # type, code, checksum, identifier, sequence
 _TCP_SEQ_FLAGS = struct.Struct("!4xIxB")
 
