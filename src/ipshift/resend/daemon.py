@@ -36,7 +36,7 @@ from ipshift.daemon import (
 from ipshift.net.conntrack import Conntrack
 from ipshift.net.errors import NetError
 from ipshift.net.loaddr import LoAddresses
-from ipshift.net.netlink import Address, EventsOverrunError, Link, Netlink, NetlinkEvents
+from ipshift.net.netlink import Address, KernelWatcher, Netlink
 from ipshift.net.nft import Nft
 from ipshift.net.packetsock import PacketSocket
 from ipshift.net.rawsock import RawSocket
@@ -113,7 +113,7 @@ class ResendDaemon:
         self._rt: Runtime | None = None
         self._nft: Nft | None = None
         self._netlink: Netlink | None = None
-        self._events: NetlinkEvents | None = None
+        self._watcher: KernelWatcher | None = None
         self._conntrack: Conntrack | None = None
         self._lo: LoAddresses | None = None
         self._out_sock: PacketSocket | None = None
@@ -145,10 +145,12 @@ class ResendDaemon:
         self._netlink = Netlink(self.netns)
         self._netlink.index(self.outgoing)  # fails clearly if the interface does not exist
         self._lo = LoAddresses(self._netlink, on_change=self._record_lo)
-        # subscribe before anything can depend on an address: a loss is never missed
-        self._events = NetlinkEvents(self.netns, ("link", "address"))
+        # subscribed before anything can depend on an address: a loss is never missed, and
+        # the view is re-read after an overrun (the callback then runs as well)
+        self._watcher = KernelWatcher(self.netns, ("link", "address"), netlink=self._netlink)
+        self._watcher.on_addresses_changed(self.outgoing, self._on_addresses)
         assert self._loop is not None
-        self._loop.add_reader(self._events.fileno(), self._on_netlink)
+        self._loop.add_reader(self._watcher.fileno(), self._watcher.read)
         self._nft = Nft(self.netns)
         rt.record.add(NFT_TABLE, f"inet {self.table}")
         self._nft.run(
@@ -177,12 +179,12 @@ class ResendDaemon:
                 sock.close()
         self._out_sock = self._in_sock = None
         self._raw.clear()
-        if self._events is not None:
+        if self._watcher is not None:
             if self._loop is not None:
                 with contextlib.suppress(Exception):
-                    self._loop.remove_reader(self._events.fileno())
-            self._events.close()
-            self._events = None
+                    self._loop.remove_reader(self._watcher.fileno())
+            self._watcher.close()
+            self._watcher = None
         if self._nft is not None:
             try:
                 self._nft.delete_table("inet", self.table)
@@ -293,6 +295,11 @@ class ResendDaemon:
             log.warning("wakeup message refused: %s", exc)
             raise CtlError("bad-message", str(exc)) from exc
         self._pump()
+        if self._watcher is not None and self.engine.link_addresses:
+            # an address the link does not have (any more) never sends a notification: take
+            # what is queued, then compare with the view
+            self._watcher.read()
+            self._on_addresses(self.outgoing, self._watcher.addresses_of(self.outgoing))
         return answer
 
     def status(self) -> dict[str, Any]:
@@ -398,37 +405,16 @@ class ResendDaemon:
         if gone:
             self.engine.flows_gone(gone, self._loop.time())
 
-    def _on_netlink(self) -> None:
-        """An address of the link went away (or the link itself): the engine decides."""
-        assert self._events is not None and self._loop is not None
-        now = self._loop.time()
-        try:
-            events = self._events.read()
-        except EventsOverrunError:
-            log.warning("netlink events overran; re-reading the addresses of %s", self.outgoing)
-            self._reread_addresses(now)
-            return
-        lost: set[str] = set()
-        for ev in events:
-            obj = ev.obj
-            if isinstance(obj, Address) and ev.action == "del" and obj.dev == self.outgoing:
-                lost.add(obj.address)
-            elif isinstance(obj, Link) and obj.name == self.outgoing and ev.action == "del":
-                lost |= self.engine.link_addresses
-        for addr in sorted(lost & self.engine.link_addresses):
-            self.engine.address_lost(addr, now)
+    def _on_addresses(self, dev: str, addresses: list[Address]) -> None:
+        """The link's addresses changed (or the link came or went): the engine decides what a
+        lost address means for the cycle."""
+        assert self._loop is not None
+        present = {a.address for a in addresses}
+        lost = sorted(self.engine.link_addresses - present)
+        for addr in lost:
+            self.engine.address_lost(addr, self._loop.time())
         if lost:
             self._pump()
-
-    def _reread_addresses(self, now: float) -> None:
-        assert self._netlink is not None
-        try:
-            present = {a.address for a in self._netlink.addresses(self.outgoing)}
-        except NetError:
-            present = set()  # the interface itself is gone: so are its addresses
-        for addr in sorted(self.engine.link_addresses - present):
-            self.engine.address_lost(addr, now)
-        self._pump()
 
 
 def _handle_of(echo_output: str) -> int:
