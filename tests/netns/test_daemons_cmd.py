@@ -36,11 +36,14 @@ def test_list_and_clean_after_a_kill(tmp_path: Path) -> None:
         # what a resend killed mid-cycle would have left: its table, an address on lo
         a.nft("table inet ipshift_resend_ppp7 { }")
         a.ip("addr", "add", "192.0.2.77/32", "dev", "lo")
+        a.run(["iptables", "-t", "mangle", "-N", "IPSHIFT-ppp7"])  # and an NFQUEUE feed
+        a.run(["iptables", "-t", "mangle", "-A", "PREROUTING", "-j", "IPSHIFT-ppp7"])
         ino = os.stat(f"/run/netns/{a.ns}").st_ino
         (run_dir / "instances" / f"resend.ppp7.{ino}.lock").write_text("")
         (run_dir / "instances" / f"resend.ppp7.{ino}.json").write_text(json.dumps(
             {"pid": 1, "owned": {"nft_table": ["inet ipshift_resend_ppp7"],
-                                 "lo_address": ["192.0.2.77/32"]}}))
+                                 "lo_address": ["192.0.2.77/32"],
+                                 "queue_rule": ["4 mangle ppp7"]}}))
         proc.signal(signal.SIGKILL)
         proc.wait(10)
         table = a.run([*IPSHIFT, "daemons"], env=env).stdout
@@ -50,5 +53,6 @@ def test_list_and_clean_after_a_kill(tmp_path: Path) -> None:
         # the tunnel's device went with the process: nothing to clean, but nothing listed
         assert "ipshift_resend_ppp7" not in a.run(["nft", "list", "tables"]).stdout
         assert "192.0.2.77" not in a.ip("-o", "addr", "show", "dev", "lo")
+        assert "IPSHIFT-ppp7" not in a.run(["iptables", "-t", "mangle", "-S"]).stdout
         rows = json.loads(a.run([*IPSHIFT, "daemons", "--json"], env=env).stdout)
         assert all(not r["owned"] for r in rows), rows

@@ -4,7 +4,14 @@ and its reconcile, and the engine pump. Every ipshift daemon runs on it."""
 
 from ipshift.daemon.instance import Instance, InstanceError, InstanceLock
 from ipshift.daemon.metrics import Metric, counter, gauge
-from ipshift.daemon.owned import LO_ADDRESS, NFT_TABLE, ROUTE_PROTOCOL, TUN_DEVICE, OwnedRecord
+from ipshift.daemon.owned import (
+    LO_ADDRESS,
+    NFT_TABLE,
+    QUEUE_RULE,
+    ROUTE_PROTOCOL,
+    TUN_DEVICE,
+    OwnedRecord,
+)
 from ipshift.daemon.pump import EnginePump
 from ipshift.daemon.runtime import (
     DaemonOptions,
@@ -18,6 +25,7 @@ from ipshift.daemon.runtime import (
 __all__ = [
     "LO_ADDRESS",
     "NFT_TABLE",
+    "QUEUE_RULE",
     "ROUTE_PROTOCOL",
     "TUN_DEVICE",
     "DaemonOptions",

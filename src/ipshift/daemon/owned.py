@@ -25,6 +25,7 @@ NFT_TABLE = "nft_table"  # "FAMILY NAME"
 LO_ADDRESS = "lo_address"  # "ADDRESS/PREFIXLEN"
 TUN_DEVICE = "tun_device"  # "NAME"
 ROUTE_PROTOCOL = "route_protocol"  # "NUMBER": routes and rules the instance marks with it
+QUEUE_RULE = "queue_rule"  # "FAMILY TABLE OWNER": an iptables chain feeding an NFQUEUE
 
 
 class OwnedRecord:

@@ -43,7 +43,13 @@ from ipshift.daemon import metrics as metrics_mod
 from ipshift.daemon.instance import Instance, InstanceError, InstanceLock
 from ipshift.daemon.metrics import Metric, counter, gauge
 from ipshift.daemon.notify import sd_notify
-from ipshift.daemon.owned import LO_ADDRESS, NFT_TABLE, ROUTE_PROTOCOL, OwnedRecord
+from ipshift.daemon.owned import (
+    LO_ADDRESS,
+    NFT_TABLE,
+    QUEUE_RULE,
+    ROUTE_PROTOCOL,
+    OwnedRecord,
+)
 from ipshift.ui import UserError
 
 log = logging.getLogger("ipshift.daemon")
@@ -292,6 +298,21 @@ def remove_leftovers(record: OwnedRecord, netns: str | None, adopted: frozenset[
         if removed:
             log.info("removed %d routes and rules left by a previous instance", removed)
         record.settled(ROUTE_PROTOCOL)
+    if QUEUE_RULE not in adopted and record.left_over(QUEUE_RULE):
+        from ipshift.net.errors import NetError
+        from ipshift.net.nfqueue import QueueRule
+
+        for item in record.left_over(QUEUE_RULE):
+            family, table, owner = [*item.split(" "), "", "", ""][:3]
+            try:
+                if QueueRule.remove_stale(owner, family=6 if family == "6" else 4,
+                                          netns=netns, table=table or "mangle"):
+                    log.info("removed the NFQUEUE chain of %s left by a previous instance",
+                             owner)
+            except (NetError, ValueError) as exc:
+                log.warning("cannot remove the leftover queue rule %s: %s", item, exc)
+                continue
+            record.settled(QUEUE_RULE, [item])
     if LO_ADDRESS not in adopted and record.left_over(LO_ADDRESS):
         from ipshift.net.loaddr import remove_addresses
 
