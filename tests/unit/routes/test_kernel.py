@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from ipshift.net.conntrack import ConntrackEntry, FlowTuple
 from ipshift.net.netlink import NextHop, Route, Rule
-from ipshift.net.probe import build_neighbour_solicit, parse_neighbour_advert, solicited_node
 from ipshift.packet.arp import ARP_REPLY, ARP_REQUEST, ArpPacket, mac_bytes, mac_text
 from ipshift.packet.errors import PacketError
 from ipshift.routes import config
@@ -126,17 +125,6 @@ def test_arp_parser_fuzz(data):
         ArpPacket.parse(data)
     except PacketError:
         pass
-
-
-def test_neighbour_discovery_codec():
-    gw = ipaddress.IPv6Address("2001:db8:1::1")
-    assert str(solicited_node(gw)) == "ff02::1:ff00:1"
-    ns = build_neighbour_solicit(gw, b"\x02\0\0\0\0\x01")
-    assert ns[0] == 135 and ns[8:24] == gw.packed and len(ns) == 32
-    na = bytes([136, 0, 0, 0, 0x60, 0, 0, 0]) + gw.packed
-    assert parse_neighbour_advert(na) == gw
-    with pytest.raises(PacketError):
-        parse_neighbour_advert(ns)
 
 
 def _cli(*args):
