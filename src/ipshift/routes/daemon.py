@@ -28,13 +28,13 @@ from ipshift.daemon import ROUTE_PROTOCOL, EnginePump, Metric, Runtime, StartErr
 from ipshift.net.errors import NetError
 from ipshift.net.netlink import (
     Address,
-    EventsOverrunError,
+    KernelWatcher,
     Link,
     Neighbour,
-    NetlinkEvents,
     Route,
     Rule,
 )
+from ipshift.net.netlink.watch import CHANGED, REMOVED
 from ipshift.net.probe import ArpSocket, EchoSocket, NeighbourSolicitSocket, close_all
 from ipshift.routes.detect import SendProbe, UplinkChanged
 from ipshift.routes.engine import Action, RoutesEngine
@@ -51,6 +51,8 @@ from ipshift.routes.plan import (
 )
 
 log = logging.getLogger("ipshift.routes")
+
+WATCHED = ("link", "address", "route", "rule", "neighbour")
 
 HOOK_TERM_GRACE = 1.0  # seconds a hook gets after SIGTERM at shutdown before SIGKILL
 DRAIN_TIMEOUT = 5.0  # seconds other pending work (conntrack deletions) gets at shutdown
@@ -111,7 +113,7 @@ class RoutesDaemon:
         self._hook_procs: set[asyncio.subprocess.Process] = set()
         self.kernel: KernelAdapter | None = None
         self.engine: RoutesEngine | None = None
-        self.events: NetlinkEvents | None = None
+        self.watcher: KernelWatcher | None = None
         self.ready = False
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -145,8 +147,9 @@ class RoutesDaemon:
     def _start_kernel(self, now: float) -> None:
         t0 = time.monotonic()
         self.kernel = KernelAdapter(self.cfg, self.netns)
-        # subscribe before dumping, so nothing that happens in between is missed
-        self.events = NetlinkEvents(self.netns, ("link", "address", "route", "rule", "neighbour"))
+        # subscribes, then dumps: the view is the kernel state the engine starts from, and
+        # nothing that happens in between is missed
+        self.watcher = KernelWatcher(self.netns, WATCHED, netlink=self.kernel.nl)
         self.engine = RoutesEngine(self.cfg, now)
         self._load_kernel_state(now)
         if self.cfg.settings.failback == "stay" and self.cfg.uplinks:
@@ -158,7 +161,7 @@ class RoutesDaemon:
         for up in self.cfg.uplinks:
             self._ensure_prober(up)
         assert self._loop is not None
-        self._loop.add_reader(self.events.fileno(), self._on_netlink)
+        self._loop.add_reader(self.watcher.fileno(), self._on_netlink)
         self.engine.start(now)
         self._apply(self.engine.actions())
         self.stats.startup_s = time.monotonic() - t0
@@ -170,20 +173,22 @@ class RoutesDaemon:
         self._read_kernel_state(now)
 
     def _read_kernel_state(self, now: float) -> None:
-        assert self.kernel is not None and self.engine is not None
-        self._links = {link.name: link for link in self.kernel.links()}
-        self._addrs = self.kernel.addresses()
+        """From the watcher's view (current: it was just loaded or resynced)."""
+        assert self.kernel is not None and self.engine is not None and self.watcher is not None
+        view = self.watcher
+        self._links = {link.name: link for link in view.links()}
+        self._addrs = self.kernel.addresses(view.view.addresses())
         self.engine.kernel_state(
-            self.kernel.routes(), self.kernel.owned_rules(), now,
+            self.kernel.routes(view.routes()), self.kernel.owned_rules(view.rules()), now,
             links=[(link.name, link.up, link.carrier) for link in self._links.values()],
             addresses=self._addrs)
 
     def _shutdown(self) -> None:
         if self.pump is not None:
             self.pump.stop()
-        if self._loop is not None and self.events is not None:
+        if self._loop is not None and self.watcher is not None:
             with contextlib.suppress(Exception):
-                self._loop.remove_reader(self.events.fileno())
+                self._loop.remove_reader(self.watcher.fileno())
         for p in self._probers.values():
             self._remove_readers(p)
             p.close()
@@ -191,8 +196,8 @@ class RoutesDaemon:
             self.engine.stop()
             self._apply([a for a in self.engine.actions() if not isinstance(a, SendProbe)])
             self._remove_pinning()
-        if self.events is not None:
-            self.events.close()
+        if self.watcher is not None:
+            self.watcher.close()
         if self.kernel is not None:
             self.kernel.close()
             log.info("routes: stopped; every route and rule it installed is removed")
@@ -316,71 +321,90 @@ class RoutesDaemon:
 
     # ---- netlink ---------------------------------------------------------------------------
     def _on_netlink(self) -> None:
-        assert self.engine is not None and self._loop is not None and self.events is not None
+        """Feed the engine what changed in the watcher's view. The watcher re-reads what the
+        kernel changes without telling (IPv4 routes dropped with a link) and reports it like
+        any other change; after an overrun it re-reads everything (`resynced`)."""
+        assert self.engine is not None and self._loop is not None and self.watcher is not None
         now = self._loop.time()
         try:
-            events = self.events.read()
-        except EventsOverrunError:
-            log.warning("routes: netlink events overran; re-reading the kernel state")
-            self._resync(now)
+            changes = self.watcher.read()
+        except NetError as exc:
+            log.error("routes: cannot read the kernel state: %s", exc)
             return
-        resync = False
+        if self.watcher.resynced:
+            log.warning("routes: netlink events overran; re-read the kernel state")
+            self._reload(now)
+            return
         reprobe = False
-        for ev in events:
-            obj = ev.obj
+        proto = self.cfg.settings.protocol
+        for change in changes:
+            obj, gone = change.obj, change.action == REMOVED
             if isinstance(obj, Link):
-                old = self._links.get(obj.name)
-                if ev.action == "del":
+                if gone:
                     self._links.pop(obj.name, None)
                     self.engine.link(obj.name, None, None, now)
-                    resync = True
                 else:
+                    if isinstance(change.previous, Link) and change.previous.name != obj.name:
+                        self._links.pop(change.previous.name, None)  # renamed
+                        self.engine.link(change.previous.name, None, None, now)
                     self._links[obj.name] = obj
                     self.engine.link(obj.name, obj.up, obj.carrier, now)
-                    if old is not None and old.up and not obj.up:
-                        resync = True  # IPv4 routes dropped with the link are not announced
-                reprobe = reprobe or old is None or ev.action == "del"
+                reprobe = reprobe or change.action != CHANGED
             elif isinstance(obj, Address):
-                dev = obj.dev
-                if dev is None or obj.tentative:
+                if obj.dev is None:
                     continue
-                addrs = self._addrs.setdefault(dev, set())
-                iface = ipaddress.ip_interface(obj.cidr)
-                if ev.action == "del":
-                    addrs.discard(iface)
-                else:
-                    addrs.add(iface)
-                self.engine.addresses(dev, addrs, now)
+                addrs = self.kernel_addresses(obj.dev)
+                self._addrs[obj.dev] = addrs
+                self.engine.addresses(obj.dev, addrs, now)
                 reprobe = True
             elif isinstance(obj, Route):
-                k = from_route(obj)
-                if k is None or obj.table == 255:
-                    continue
-                self.engine.kernel_route(k, owned=obj.proto == self.cfg.settings.protocol,
-                                         present=ev.action == "new", now=now)
-            elif isinstance(obj, Rule) and obj.proto == self.cfg.settings.protocol:
-                self.engine.kernel_rule(from_rule(obj), present=ev.action == "new", now=now)
-            elif isinstance(obj, Neighbour) and ev.action == "new" and obj.failed and obj.dev:
+                if isinstance(change.previous, Route):
+                    self._route_change(change.previous, False, now)
+                self._route_change(obj, not gone, now)
+            elif isinstance(obj, Rule):
+                if isinstance(change.previous, Rule) and change.previous.proto == proto:
+                    self.engine.kernel_rule(from_rule(change.previous), present=False, now=now)
+                if obj.proto == proto:
+                    self.engine.kernel_rule(from_rule(obj), present=not gone, now=now)
+            elif isinstance(obj, Neighbour) and not gone and obj.failed and obj.dev:
                 self.engine.neighbour_failed(obj.dev, ipaddress.ip_address(obj.dst), now)
-        self._pump(now)  # apply what these events decided before re-reading the kernel
+        self._pump(now)
         if reprobe:
             for up in self.cfg.uplinks:
                 self._ensure_prober(up)
-        if resync:
-            self._resync(now)
 
-    def _resync(self, now: float) -> None:
-        """Re-read routes (and everything else) from the kernel and reconcile."""
-        assert self.kernel is not None and self.engine is not None
+    def kernel_addresses(self, dev: str) -> set[IPInterface]:
+        assert self.kernel is not None and self.watcher is not None
+        return self.kernel.addresses(self.watcher.addresses_of(dev)).get(dev, set())
+
+    def _route_change(self, route: Route, present: bool, now: float) -> None:
+        assert self.engine is not None
+        k = from_route(route)
+        if k is None or route.table == 255:
+            return
+        self.engine.kernel_route(k, owned=route.proto == self.cfg.settings.protocol,
+                                 present=present, now=now)
+
+    def _reload(self, now: float) -> None:
+        """Hand the engine the whole (re-read) view and reconcile."""
+        assert self.engine is not None
         self.stats.resyncs += 1
-        try:
-            self._load_kernel_state(now)
-        except NetError as exc:
-            log.error("routes: cannot read the kernel state: %s", exc)
+        self._load_kernel_state(now)
         for up in self.cfg.uplinks:
             self._ensure_prober(up)
         self.engine.handle_timer(now)
         self._pump(now)
+
+    def _resync(self, now: float) -> None:
+        """Re-read everything from the kernel and reconcile (a change was refused because the
+        kernel held something the view did not show)."""
+        assert self.watcher is not None
+        try:
+            self.watcher.resync()
+        except NetError as exc:
+            log.error("routes: cannot read the kernel state: %s", exc)
+            return
+        self._reload(now)
 
     # ---- actions ---------------------------------------------------------------------------
     def _pump(self, now: float) -> None:

@@ -21,7 +21,7 @@ import socket
 from collections.abc import Iterable, Sequence
 
 from ipshift.net.conntrack import Conntrack, ConntrackEntry
-from ipshift.net.netlink import Link, Netlink, NextHop, Route, Rule
+from ipshift.net.netlink import Address, Link, Netlink, NextHop, Route, Rule
 from ipshift.net.rtbatch import RouteBatch
 from ipshift.routes.model import V6_DEFAULT_METRIC, IPAddress, RoutesConfig
 from ipshift.routes.plan import (
@@ -177,25 +177,29 @@ class KernelAdapter:
     def links(self) -> list[Link]:
         return self.nl.links()
 
-    def addresses(self) -> dict[str, set[IPInterface]]:
+    def addresses(self, addresses: Iterable[Address] | None = None
+                  ) -> dict[str, set[IPInterface]]:
+        """Usable addresses by device, of `addresses` (a watcher's view) or read now."""
         out: dict[str, set[IPInterface]] = {}
-        for a in self.nl.addresses():
+        for a in self.nl.addresses() if addresses is None else addresses:
             if a.dev is None or a.tentative or a.dadfailed:
                 continue
             out.setdefault(a.dev, set()).add(ipaddress.ip_interface(a.cidr))
         return out
 
-    def routes(self) -> list[tuple[KRoute, bool]]:
-        """Every route the engine may care about, with whether the daemon owns it."""
+    def routes(self, routes: Iterable[Route] | None = None) -> list[tuple[KRoute, bool]]:
+        """Every route the engine may care about, with whether the daemon owns it, of
+        `routes` (a watcher's view) or read now."""
         out = []
-        for r in self.nl.routes(None):
+        for r in self.nl.routes(None) if routes is None else routes:
             k = from_route(r)
             if k is not None and r.table != 255:
                 out.append((k, r.proto == self.proto))
         return out
 
-    def owned_rules(self) -> list[KRule]:
-        return [from_rule(r) for r in self.nl.rules() if r.proto == self.proto]
+    def owned_rules(self, rules: Iterable[Rule] | None = None) -> list[KRule]:
+        return [from_rule(r) for r in (self.nl.rules() if rules is None else rules)
+                if r.proto == self.proto]
 
     # ---- changing --------------------------------------------------------------------------
     def install_route(self, k: KRoute, replace: bool) -> None:

@@ -80,18 +80,19 @@ def test_shutdown_ends_hook_processes(tmp_path):
 class FakeKernel:
     def __init__(self, cfg: Any, netns: Any = None) -> None:
         self.calls: list[str] = []
+        self.nl = None
         FakeKernel.last = self
 
     def links(self) -> list[Any]:
         return []
 
-    def addresses(self) -> dict[str, Any]:
+    def addresses(self, addresses: Any = None) -> dict[str, Any]:
         return {}
 
-    def routes(self) -> list[Any]:
+    def routes(self, routes: Any = None) -> list[Any]:
         return []
 
-    def owned_rules(self) -> list[Any]:
+    def owned_rules(self, rules: Any = None) -> list[Any]:
         return []
 
     def apply_routes(self, ops: Any) -> list[None]:
@@ -113,14 +114,31 @@ class FakeKernel:
         pass
 
 
-class FakeEvents:
-    def __init__(self, netns: Any, groups: Any) -> None:
+class FakeWatcher:
+    """An empty kernel that never changes."""
+
+    resynced = False
+
+    def __init__(self, netns: Any, kinds: Any, netlink: Any = None) -> None:
         self.r, self.w = os.pipe()
+        self.view = self
 
     def fileno(self) -> int:
         return self.r
 
     def read(self) -> list[Any]:
+        return []
+
+    def links(self) -> list[Any]:
+        return []
+
+    def addresses(self) -> list[Any]:
+        return []
+
+    def routes(self) -> list[Any]:
+        return []
+
+    def rules(self) -> list[Any]:
         return []
 
     def close(self) -> None:
@@ -134,7 +152,7 @@ class FakeEvents:
 ])
 def test_nft_table_removed_whatever_the_failback(tmp_path, monkeypatch, failback, start, stop):
     monkeypatch.setattr(daemon_mod, "KernelAdapter", FakeKernel)
-    monkeypatch.setattr(daemon_mod, "NetlinkEvents", FakeEvents)
+    monkeypatch.setattr(daemon_mod, "KernelWatcher", FakeWatcher)
     d = RoutesDaemon(_cfg(tmp_path, f'failback = "{failback}"'))
 
     async def go() -> tuple[list[str], list[str]]:
@@ -263,7 +281,7 @@ def test_metrics_read_stats_on_the_event_loop_only(tmp_path, monkeypatch):
     """The loop thread adds keys to the stats dicts at any time: a scrape on the metrics thread
     must not iterate them (dictionary changed size during iteration)."""
     monkeypatch.setattr(daemon_mod, "KernelAdapter", FakeKernel)
-    monkeypatch.setattr(daemon_mod, "NetlinkEvents", FakeEvents)
+    monkeypatch.setattr(daemon_mod, "KernelWatcher", FakeWatcher)
     d = RoutesDaemon(_cfg(tmp_path))
     s = d.stats
     for name in ("conntrack_deleted", "probes_sent", "transitions", "last_change"):
