@@ -34,7 +34,7 @@ from ipshift.daemon import (
     counter,
     run_service,
 )
-from ipshift.net import netns, tun, udp
+from ipshift.net import sysctl, tun, udp
 from ipshift.net.errors import NetError
 from ipshift.net.netlink import Netlink, Route
 from ipshift.tunnel import batch
@@ -141,7 +141,7 @@ class TunnelDaemon:
                 else:
                     log.warning("tunnel MTU %d is below %d: using per-packet framing",
                                 self.mtu, batch.MIN_CHUNK)
-            self._set_gso_max_size(nl, netns.call_in(config.netns, _forwarding))
+            self._set_gso_max_size(nl, sysctl.forwarding(config.netns))
             nl.set_link(config.dev, mtu=self.mtu, up=True)
             for address in config.addresses:
                 nl.add_address(config.dev, str(address), nodad=True, replace=True)
@@ -173,7 +173,7 @@ class TunnelDaemon:
         daemon calls this every second."""
         if self.device is None or not self.chunk:
             return False
-        forwarding = netns.call_in(self.config.netns, _forwarding)
+        forwarding = sysctl.forwarding(self.config.netns)
         try:
             with Netlink(self.config.netns) as nl:
                 changed = self._set_gso_max_size(nl, forwarding)
@@ -278,17 +278,6 @@ class TunnelDaemon:
             },
             "counters": self.counters().as_dict(),
         }
-
-
-def _forwarding() -> bool:
-    """Does this network namespace forward IPv4 or IPv6?"""
-    for path in ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"):
-        try:
-            if Path(path).read_text().strip() != "0":
-                return True
-        except OSError:
-            continue
-    return False
 
 
 def _worker_main(
