@@ -32,7 +32,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
-from ipshift.net import netns
+from ipshift.net import netns, sysctl
 from ipshift.net.nft import Nft, NftError
 
 log = logging.getLogger("ipshift.lab")
@@ -271,8 +271,7 @@ class Node:
         return netns.call_in(self.ns, fn, *args)
 
     def sysctl(self, key: str, value: str | int) -> None:
-        path = "/proc/sys/" + key.replace(".", "/")
-        self.call(lambda: Path(path).write_text(f"{value}\n"))
+        sysctl.write(key, value, self.ns)
 
     def wait_listening(self, port: int, *, udp: bool = False, timeout: float = 10.0) -> None:
         """Wait until something listens on `port` here (e.g. a one-off `iperf3 -s -1`, which is

@@ -72,7 +72,11 @@ def entered(name: str | None) -> Iterator[None]:
         return
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
-        target = os.open(path(name), os.O_RDONLY)
+        try:
+            target = os.open(path(name), os.O_RDONLY)
+        except FileNotFoundError:
+            raise NetnsError(f"network namespace {name!r} does not exist "
+                             "(see `ip netns list`)") from None
         try:
             _setns(target)
         finally:
