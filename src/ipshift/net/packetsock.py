@@ -20,7 +20,6 @@ watching control traffic or the first packets of a flow, not for bulk data.
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import socket
 import struct
@@ -29,7 +28,7 @@ from typing import NamedTuple
 
 from ipshift.net import netns as _netns
 from ipshift.net.errors import NetError
-from ipshift.net.sockbase import KernelSocket
+from ipshift.net.sockbase import KernelSocket, readable
 
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
@@ -212,23 +211,11 @@ class PacketSocket(KernelSocket):
 
     async def next_batch(self, max_packets: int = 64) -> list[Snooped]:
         """Wait until a packet is there and return what is queued (up to `max_packets`)."""
-        loop = asyncio.get_running_loop()
         while True:
             batch = self.recv_batch(max_packets)
             if batch:
                 return batch
-            ready: asyncio.Future[None] = loop.create_future()
-
-            def wake(fut: asyncio.Future[None] = ready) -> None:
-                if not fut.done():
-                    fut.set_result(None)
-
-            fd = self.fileno()
-            loop.add_reader(fd, wake)
-            try:
-                await ready
-            finally:
-                loop.remove_reader(fd)
+            await readable(self.fileno())
 
     def __aiter__(self) -> AsyncIterator[Snooped]:
         return self._iterate()

@@ -9,6 +9,7 @@ buffer sizes, and the close/context-manager protocol.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from typing import Self
 
@@ -56,6 +57,22 @@ def open_netlink(protocol: int, *, netns: str | None = None, groups: int = 0,
     waits (for an asyncio reader). Raises OSError."""
     return _netns.call_in(netns, _open_netlink_here, protocol, groups, rcvbuf, sndbuf, timeout,
                           blocking)
+
+
+async def readable(fd: int) -> None:
+    """Wait until `fd` is readable (for `async` readers of non-blocking sockets)."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
 class KernelSocket:

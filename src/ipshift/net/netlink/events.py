@@ -3,7 +3,6 @@ blocking (from asyncio, a selector, or `KernelWatcher`)."""
 
 from __future__ import annotations
 
-import asyncio
 import errno as _errno
 import logging
 import socket
@@ -13,6 +12,7 @@ from ipshift.net import netns as _netns
 from ipshift.net.errors import ParseError
 from ipshift.net.netlink.objects import NetlinkError, NetlinkEvent
 from ipshift.net.netlink.parse import parse_events
+from ipshift.net.sockbase import readable
 
 log = logging.getLogger("ipshift.net")
 
@@ -98,23 +98,11 @@ class NetlinkEvents:
 
     async def next_batch(self) -> list[NetlinkEvent]:
         """Wait until at least one event is there and return all that are queued."""
-        loop = asyncio.get_running_loop()
         while True:
             events = self.read()
             if events:
                 return events
-            ready: asyncio.Future[None] = loop.create_future()
-            fd = self.fileno()
-
-            def wake(fut: asyncio.Future[None] = ready) -> None:
-                if not fut.done():
-                    fut.set_result(None)
-
-            loop.add_reader(fd, wake)
-            try:
-                await ready
-            finally:
-                loop.remove_reader(fd)
+            await readable(self.fileno())
 
     def __aiter__(self) -> AsyncIterator[NetlinkEvent]:
         return self._iterate()

@@ -17,7 +17,6 @@ rtnetlink notifications and re-read after an overrun.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import ipaddress
 import socket
@@ -29,6 +28,7 @@ from typing import Any, Protocol, TypeVar
 from ipshift.net.netlink.client import Netlink
 from ipshift.net.netlink.events import EventsOverrunError, NetlinkEvents
 from ipshift.net.netlink.objects import Address, Link, Neighbour, NetlinkEvent, Route, Rule
+from ipshift.net.sockbase import readable
 
 KINDS = ("link", "address", "route", "rule", "neighbour")
 DEFAULT_KINDS = ("link", "address", "route", "neighbour")
@@ -602,23 +602,11 @@ class KernelWatcher:
 
     async def next_changes(self) -> list[Change]:
         """Wait until something changed (or a resync happened) and return the changes."""
-        loop = asyncio.get_running_loop()
         while True:
             changes = self.read()
             if changes or self.resynced:
                 return changes
-            ready: asyncio.Future[None] = loop.create_future()
-
-            def wake(fut: asyncio.Future[None] = ready) -> None:
-                if not fut.done():
-                    fut.set_result(None)
-
-            fd = self.fileno()
-            loop.add_reader(fd, wake)
-            try:
-                await ready
-            finally:
-                loop.remove_reader(fd)
+            await readable(self.fileno())
 
     def _dispatch(self, changes: list[Change]) -> list[Change]:
         """Call the address callbacks of the devices these changes concern."""
