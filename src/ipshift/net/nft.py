@@ -12,7 +12,8 @@ created and used on an `NsWorker` thread inside it, because libnftables opens it
 at context creation and resolves interface names in the calling thread's namespace.
 
 Input may be nft syntax or JSON: with JSON output enabled libnftables tries JSON first and falls
-back to the nft grammar. Output (listings, `echo`) is always JSON.
+back to the nft grammar. Output (listings, `echo`) is JSON, except from `run_text`, which gives
+nft's own text (the only form that shows a table's comment in nftables 1.0.6).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ LIBNFTABLES = "libnftables.so.1"
 NFT_CTX_OUTPUT_HANDLE = 1 << 3
 NFT_CTX_OUTPUT_JSON = 1 << 4
 NFT_CTX_OUTPUT_ECHO = 1 << 5
+NFT_CTX_OUTPUT_TERSE = 1 << 11
 
 FAMILIES = ("ip", "ip6", "inet", "arp", "bridge", "netdev")
 
@@ -147,11 +149,13 @@ class Nft:
             raise NftError("nft: cannot buffer libnftables output")
         return int(ctx)
 
-    def _run_raw(self, text: str, echo: bool) -> str:
+    def _run_raw(self, text: str, echo: bool, flags: int | None = None) -> str:
         ctx = self._ctx
         if ctx is None:
             raise NftError("nft: the context is closed")
-        flags = NFT_CTX_OUTPUT_JSON | NFT_CTX_OUTPUT_HANDLE | (NFT_CTX_OUTPUT_ECHO if echo else 0)
+        if flags is None:
+            flags = NFT_CTX_OUTPUT_JSON | NFT_CTX_OUTPUT_HANDLE
+            flags |= NFT_CTX_OUTPUT_ECHO if echo else 0
         self._lib.set_flags(ctx, flags)
         rc = self._lib.run(ctx, text.encode())
         out = (self._lib.get_output(ctx) or b"").decode(errors="replace")
@@ -164,6 +168,19 @@ class Nft:
     def run(self, text: str, *, echo: bool = False) -> str:
         """Run nft commands (nft syntax, or a JSON document as text); returns the output."""
         return self._call(self._run_raw, text, echo)
+
+    def run_text(self, text: str, *, terse: bool = False) -> str:
+        """Run nft commands (nft syntax only) and return nft's text output, as the `nft` command
+        prints it; `terse` leaves set and map elements out of listings."""
+        return self._call(self._run_raw, text, False, NFT_CTX_OUTPUT_TERSE if terse else 0)
+
+    def table_comment(self, family: str, name: str) -> str | None:
+        """The comment of a table (None if it has none); NftError if there is no such table.
+
+        libnftables 1.0.6 neither reads nor prints table comments in JSON, so this reads the
+        terse text listing (elements left out: cheap even for big maps)."""
+        out = self.run_text(f"list table {_family(family)} {_name(name)}", terse=True)
+        return parse_table_comment(out)
 
     def run_json(
         self, commands: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, echo: bool = False
@@ -296,6 +313,27 @@ def parse_output(out: str) -> JsonDoc:
     if not isinstance(doc, dict):
         raise NftError("nft: output is not a JSON object", out)
     return doc
+
+
+def parse_table_comment(listing: str) -> str | None:
+    """The comment of the first table in nft's text listing, or None.
+
+    nft prints it as the first line inside the table block: `comment "..."` (nft strings
+    cannot contain a double quote, so the first and last quote delimit it)."""
+    lines = iter(listing.split("\n"))  # nft ends lines with \n; a comment may hold other breaks
+    for line in lines:
+        if line.startswith("table ") and line.rstrip().endswith("{"):
+            break
+    else:
+        return None
+    for line in lines:
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if stripped.startswith('comment "') and stripped.endswith('"') and len(stripped) > 9:
+            return stripped[len('comment "'):-1]
+        return None
+    return None
 
 
 def _family(family: str) -> str:

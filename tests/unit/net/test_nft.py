@@ -5,7 +5,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ipshift.net.errors import NetError
-from ipshift.net.nft import NftError, _family, _key, _name, concat, error_line, parse_output
+from ipshift.net.nft import (
+    NftError,
+    _family,
+    _key,
+    _name,
+    concat,
+    error_line,
+    parse_output,
+    parse_table_comment,
+)
 
 
 def test_error_line_from_text_command():
@@ -71,3 +80,31 @@ def test_parse_output_fuzz(text):
 def test_error_line_is_always_one_line(detail, command):
     line = error_line(detail, command)
     assert line.startswith("nft: ") and "\n" not in line
+
+
+def test_parse_table_comment():
+    listing = ('table inet ipshift_sacip_eth0 {\n\tcomment "owner=sacip pid=1"\n'
+               '\tchain c {\n\t}\n}\n')
+    assert parse_table_comment(listing) == "owner=sacip pid=1"
+    assert parse_table_comment('table ip t {\n\tcomment ""\n}\n') == ""
+    assert parse_table_comment("table ip t {\n\tchain c {\n\t}\n}\n") is None
+    assert parse_table_comment("table ip t {\n}\n") is None
+    assert parse_table_comment('table ip t {\n\tcomment "\n}') is None
+    assert parse_table_comment("") is None
+    # a comment-like line of a later table does not count
+    assert parse_table_comment('table ip a {\n}\ntable ip b {\n\tcomment "x"\n}') is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_parse_table_comment_fuzz(text):
+    comment = parse_table_comment(text)
+    assert comment is None or isinstance(comment, str)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_characters='"\n', codec="utf-8"),
+               max_size=128))
+def test_parse_table_comment_round_trip(comment):
+    listing = f'table inet t {{\n\tcomment "{comment}"\n\tchain c {{\n\t}}\n}}\n'
+    assert parse_table_comment(listing) == comment
