@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 from collections.abc import Sequence
@@ -38,8 +37,10 @@ from ipshift.net.errors import NetError
 from ipshift.net.loaddr import LoAddresses
 from ipshift.net.netlink import Address, KernelWatcher, Netlink
 from ipshift.net.nft import Nft
+from ipshift.net.nfttable import OwnedTable
 from ipshift.net.packetsock import PacketSocket
 from ipshift.net.rawsock import RawSocket
+from ipshift.net.remap import Direction, FlowRemaps, Remap
 from ipshift.resend.engine import (
     Action,
     CheckFlows,
@@ -57,43 +58,21 @@ from ipshift.resend.flows import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 
 log = logging.getLogger("ipshift.resend")
 
-PRIO_INBOUND = -300  # before conntrack (-200): it must see the mapped (old) destination
-PRIO_OUTBOUND = 300  # after NAT (100): the source is changed last, conntrack saw the old one
+_PROTO_NAMES = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp", PROTO_ICMPV6: "icmp"}
 
 
-def table_name(interface: str) -> str:
-    return "ipshift_resend_" + "".join(c if c.isalnum() else "_" for c in interface)
-
-
-def mapping_rules(m: FlowMapping) -> tuple[str, str]:
-    """nft rule bodies (inbound for prerouting, outbound for postrouting) of one mapping."""
-    ipk = "ip" if m.version == 4 else "ip6"
-    if m.proto in (PROTO_TCP, PROTO_UDP):
-        l4 = "tcp" if m.proto == PROTO_TCP else "udp"
-        inbound = (f"{ipk} saddr {m.peer} {ipk} daddr {m.outer_addr} "
-                   f"{l4} sport {m.peer_port} {l4} dport {m.outer_port} "
-                   f"{ipk} daddr set {m.inner_addr}")
-        if m.inner_port != m.outer_port:
-            inbound += f" {l4} dport set {m.inner_port}"
-        outbound = (f"{ipk} saddr {m.inner_addr} {ipk} daddr {m.peer} "
-                    f"{l4} sport {m.inner_port} {l4} dport {m.peer_port} "
-                    f"{ipk} saddr set {m.outer_addr}")
-        if m.inner_port != m.outer_port:
-            outbound += f" {l4} sport set {m.outer_port}"
-    elif m.proto in (PROTO_ICMP, PROTO_ICMPV6):
-        icmp = "icmp" if m.proto == PROTO_ICMP else "icmpv6"
-        inbound = (f"{ipk} saddr {m.peer} {ipk} daddr {m.outer_addr} "
-                   f"{icmp} type echo-reply {icmp} id {m.outer_port} "
-                   f"{ipk} daddr set {m.inner_addr}")
-        outbound = (f"{ipk} saddr {m.inner_addr} {ipk} daddr {m.peer} "
-                    f"{icmp} type echo-request {icmp} id {m.inner_port} "
-                    f"{ipk} saddr set {m.outer_addr}")
-        if m.inner_port != m.outer_port:  # masquerading changed the echo identifier
-            inbound += f" {icmp} id set {m.inner_port}"
-            outbound += f" {icmp} id set {m.outer_port}"
-    else:
+def remap_of(m: FlowMapping) -> Remap:
+    """The stateless remap of one mapping: outbound packets from `inner` to the peer leave
+    with `outer` as source; inbound ones from the peer to `outer` get `inner` as
+    destination (rewritten in prerouting, before conntrack; the source after NAT)."""
+    name = _PROTO_NAMES.get(m.proto)
+    if name is None:
         raise ValueError(f"no mapping for protocol {m.proto}")
-    return inbound, outbound
+    if name == "icmp":  # the echo identifier stands in the port's place
+        return Remap("icmp", m.inner_addr, m.inner_port, m.peer, new_local=m.outer_addr,
+                     new_local_port=m.outer_port)
+    return Remap(name, m.inner_addr, m.inner_port, m.peer, m.peer_port,
+                 new_local=m.outer_addr, new_local_port=m.outer_port)
 
 
 class ResendDaemon:
@@ -107,11 +86,11 @@ class ResendDaemon:
         self.instance = outgoing
         self.snoop = snoop
         self.netns = netns
-        self.table = table_name(outgoing)
         self.engine = ResendEngine(config)
         self.pump: EnginePump | None = None
         self._rt: Runtime | None = None
         self._nft: Nft | None = None
+        self._remaps: FlowRemaps | None = None
         self._netlink: Netlink | None = None
         self._watcher: KernelWatcher | None = None
         self._conntrack: Conntrack | None = None
@@ -119,7 +98,7 @@ class ResendDaemon:
         self._out_sock: PacketSocket | None = None
         self._in_sock: PacketSocket | None = None
         self._raw: dict[int, RawSocket] = {}
-        self._handles: dict[FlowMapping, tuple[int, int]] = {}
+        self._mapped: set[FlowMapping] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.errors = 0
 
@@ -152,16 +131,10 @@ class ResendDaemon:
         assert self._loop is not None
         self._loop.add_reader(self._watcher.fileno(), self._watcher.read)
         self._nft = Nft(self.netns)
-        rt.record.add(NFT_TABLE, f"inet {self.table}")
-        self._nft.run(
-            f"table inet {self.table}\n"
-            f"delete table inet {self.table}\n"
-            f"add table inet {self.table}\n"
-            f"add chain inet {self.table} inbound {{ type filter hook prerouting priority "
-            f"{PRIO_INBOUND}; policy accept; }}\n"
-            f"add chain inet {self.table} outbound {{ type filter hook postrouting priority "
-            f"{PRIO_OUTBOUND}; policy accept; }}\n"
-        )
+        table = OwnedTable(self._nft, "inet", "resend", self.outgoing)
+        rt.record.add(NFT_TABLE, table.spec)
+        self._remaps = FlowRemaps(table)
+        self._remaps.install(force=True)  # ours: the instance lock says no one else runs
         self._conntrack = Conntrack(self.netns)
 
     def _record_lo(self, owned: frozenset[str]) -> None:
@@ -185,13 +158,16 @@ class ResendDaemon:
                     self._loop.remove_reader(self._watcher.fileno())
             self._watcher.close()
             self._watcher = None
-        if self._nft is not None:
+        if self._remaps is not None:
             try:
-                self._nft.delete_table("inet", self.table)
+                self._remaps.delete()
                 if self._rt is not None:
-                    self._rt.record.discard(NFT_TABLE, f"inet {self.table}")
+                    self._rt.record.discard(NFT_TABLE, self._remaps.table.spec)
             except NetError as exc:
-                log.warning("removing nftables table %s: %s", self.table, exc)
+                log.warning("removing nftables table %s: %s", self._remaps.table.name, exc)
+            self._remaps = None
+        self._mapped.clear()
+        if self._nft is not None:
             self._nft.close()
             self._nft = None
         if self._lo is not None:
@@ -320,7 +296,7 @@ class ResendDaemon:
                for name, value in counters.items() if isinstance(value, int)]
         out.append(counter("ipshift_resend_errors", self.errors, "failed kernel operations",
                            interface=self.outgoing))
-        out.append(gauge("ipshift_resend_mappings", len(self._handles), "flows mapped back",
+        out.append(gauge("ipshift_resend_mappings", len(self._mapped), "flows mapped back",
                          interface=self.outgoing))
         return out
 
@@ -373,24 +349,19 @@ class ResendDaemon:
             if stale:
                 log.info("dropped %d stale masquerade entr%s of %s:%d", stale,
                          "y" if stale == 1 else "ies", m.inner_addr, m.inner_port)
-        inbound, outbound = mapping_rules(m)
-        handles = []
-        for chain, body in (("inbound", inbound), ("outbound", outbound)):
-            out = self._nft.run(f"add rule inet {self.table} {chain} {body}", echo=True)
-            handles.append(_handle_of(out))
-        self._handles[m] = (handles[0], handles[1])
+        assert self._remaps is not None
+        self._remaps.add([remap_of(m)], Direction.BOTH)
+        self._mapped.add(m)
         log.info("mapped %s: replies to %s:%d go to %s:%d", m.peer, m.outer_addr, m.outer_port,
                  m.inner_addr, m.inner_port)
 
     def _unmap(self, m: FlowMapping) -> None:
-        assert self._nft is not None
-        handles = self._handles.pop(m, None)
-        if handles is not None:
-            for chain, handle in zip(("inbound", "outbound"), handles, strict=True):
-                try:
-                    self._nft.run(f"delete rule inet {self.table} {chain} handle {handle}")
-                except NetError as exc:
-                    log.warning("removing rule %d: %s", handle, exc)
+        if m in self._mapped and self._remaps is not None:
+            self._mapped.discard(m)
+            try:
+                self._remaps.remove([remap_of(m)], Direction.BOTH)
+            except NetError as exc:
+                log.warning("removing the mapping of %s: %s", m.peer, exc)
         if m.keep_inner_local and self._lo is not None:
             self._lo.release(m.inner_addr)
 
@@ -415,16 +386,6 @@ class ResendDaemon:
             self.engine.address_lost(addr, self._loop.time())
         if lost:
             self._pump()
-
-
-def _handle_of(echo_output: str) -> int:
-    """The handle of the rule an `add rule` with echo created (JSON output)."""
-    doc = json.loads(echo_output)
-    for item in doc.get("nftables", []):
-        rule = item.get("add", {}).get("rule") or item.get("rule")
-        if rule and "handle" in rule:
-            return int(rule["handle"])
-    raise ValueError("nft did not report the new rule's handle")
 
 
 def run_daemon(config: ResendConfig, *, outgoing: str, snoop: str, socket: Path,
