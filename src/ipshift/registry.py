@@ -41,7 +41,8 @@ TRAILING_COMMANDS: tuple[str, ...] = ("ipshift.daemon.cli", "ipshift.lab.cli", "
                                        "ipshift.benchcli")
 
 #: Benchmarks of the layers below the components.
-LAYER_BENCHMARKS: tuple[str, ...] = ("bench.bench_packet", "bench.bench_remap")
+LAYER_BENCHMARKS: tuple[str, ...] = ("bench.bench_packet", "bench.bench_remap",
+                                      "bench.bench_peers")
 
 
 def command_modules() -> tuple[str, ...]:

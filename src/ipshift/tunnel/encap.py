@@ -44,10 +44,9 @@ from typing import NamedTuple
 
 from ipshift.packet.checksum import internet_checksum, internet_sum
 from ipshift.packet.errors import BytesLike, PacketError
-from ipshift.packet.protocols import IPPROTO_IPIP, IPPROTO_IPV6
+from ipshift.packet.protocols import IPPROTO_GRE, IPPROTO_IPIP, IPPROTO_IPV6
 from ipshift.tunnel import wire
 
-IPPROTO_GRE = 47
 ETHERTYPE_IPV4 = 0x0800
 ETHERTYPE_IPV6 = 0x86DD
 GRE_CHECKSUM = 0x8000
