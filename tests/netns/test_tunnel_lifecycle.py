@@ -235,3 +235,14 @@ def test_metrics_and_stop(pair: tuple[Node, Node, Path]) -> None:
     finally:
         if proc.running():
             proc.stop()
+
+
+def test_the_peer_being_this_host_is_refused(pair: tuple[Node, Node, Path]) -> None:
+    a, _, tmp = pair
+    proc = a.spawn([*TUNNEL, "run", "--dev", "tun-self", "--local", "192.0.2.1:4789",
+                    "--remote", "192.0.2.1:4790", "--socket", str(tmp / "self.sock")],
+                   name="tunnel-self")
+    assert proc.wait(timeout=20) == 2
+    err = proc.stderr().strip().splitlines()
+    assert len(err) == 1 and "is an address of this host" in err[0], err
+    assert not has_link(a, "tun-self")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ipshift.tunnel import wire
@@ -121,6 +122,12 @@ class TunnelConfig:
             if endpoint.port + self.queues - 1 > 65535:
                 raise ConfigError(f"{what}: {self.queues} queues need ports up to "
                                   f"{endpoint.port + self.queues - 1}")
+        check_endpoints(self.local, self.remote)
+        for prefix in self.routes:
+            if self.remote.host in prefix:
+                raise ConfigError(f"--route {prefix} covers the peer's address "
+                                  f"{self.remote.host}: the tunnel would carry its own "
+                                  "datagrams; route a narrower prefix")
         for what, mappings in (("--rewrite-src", self.rewrite_src),
                                ("--rewrite-dst", self.rewrite_dst)):
             _check_mappings(what, mappings)
@@ -143,6 +150,12 @@ class TunnelConfig:
         for route in self.routes:
             if route.version == 6:
                 return f"--route {route}"
+        check_endpoints(self.local, self.remote)
+        for prefix in self.routes:
+            if self.remote.host in prefix:
+                raise ConfigError(f"--route {prefix} covers the peer's address "
+                                  f"{self.remote.host}: the tunnel would carry its own "
+                                  "datagrams; route a narrower prefix")
         for what, mappings in (("--rewrite-src", self.rewrite_src),
                                ("--rewrite-dst", self.rewrite_dst)):
             for mapping in mappings:
@@ -179,10 +192,47 @@ class TunnelConfig:
         return mtu
 
 
+def check_endpoints(local: Endpoint, remote: Endpoint) -> None:
+    """The peer must be one unicast host elsewhere; the local end an address of ours or any
+    (unspecified)."""
+    host = remote.host
+    problem = None
+    if host.is_unspecified:
+        problem = "is unspecified: name the peer's address"
+    elif host.is_multicast or host == ipaddress.IPv4Address("255.255.255.255"):
+        problem = "is a multicast or broadcast address: a tunnel peer is one host"
+    elif host.is_loopback:
+        problem = "is a loopback address: the peer must be another host"
+    if problem:
+        raise ConfigError(f"--remote {remote}: {host} {problem}")
+    if local.host.is_multicast or local.host == ipaddress.IPv4Address("255.255.255.255"):
+        raise ConfigError(f"--local {local}: a multicast or broadcast address cannot be a "
+                          "tunnel end; use this host's address (or 0.0.0.0 / ::)")
+
+
+def remote_problem(config: TunnelConfig, local_addresses: Iterable[str]) -> str | None:
+    """Why the peer cannot be reached as a peer, given this namespace's addresses: the peer
+    being this host itself would loop the tunnel's datagrams back to it."""
+    mine = set()
+    for text in local_addresses:
+        try:
+            mine.add(ipaddress.ip_address(text.split("%")[0]))
+        except ValueError:
+            continue
+    if config.remote.host in mine:
+        return (f"--remote {config.remote}: {config.remote.host} is an address of this host; "
+                "name the peer's address")
+    return None
+
+
 def check_interface_name(name: str) -> None:
     """Refuse a --dev name Linux refuses (dev_valid_name: 1-15 bytes; not "." or ".."; no "/",
     ":" or whitespace) or that it would treat as a pattern ("%": tun%d picks a free number)."""
-    size = len(name.encode())
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as surrogate escapes
+        raise ConfigError(f"--dev {name!a}: an interface name must be text (UTF-8); "
+                          "use letters, digits, '-', '_' or '.'") from None
     if not 1 <= size <= IFNAMSIZ - 1:
         raise ConfigError(f"--dev {name!r}: an interface name has 1-{IFNAMSIZ - 1} bytes, "
                           f"not {size}")

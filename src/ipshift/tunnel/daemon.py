@@ -38,7 +38,7 @@ from ipshift.net import sysctl, tun, udp
 from ipshift.net.errors import NetError
 from ipshift.net.netlink import Netlink, Route
 from ipshift.tunnel import batch
-from ipshift.tunnel.config import TunnelConfig
+from ipshift.tunnel.config import TunnelConfig, remote_problem
 from ipshift.tunnel.forwarder import Counters, Forwarder, Hooks, QueuePump
 from ipshift.tunnel.rewrite import AddressRewriter
 
@@ -92,6 +92,10 @@ class TunnelDaemon:
     def open(self) -> None:
         """Create the TUN device, set its MTU, addresses and routes, open the sockets."""
         config = self.config
+        with Netlink(config.netns) as nl:
+            problem = remote_problem(config, (a.address for a in nl.addresses()))
+        if problem:
+            raise TunnelError(problem)
         if config.queues > 1:
             # Queues attach to an existing multi-queue device: never to another tunnel's.
             with Netlink(config.netns) as nl:

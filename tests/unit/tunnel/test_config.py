@@ -8,7 +8,13 @@ import ipaddress
 import pytest
 
 from ipshift.tunnel.cli import config_from_args, register
-from ipshift.tunnel.config import AddressMapping, ConfigError, Endpoint, TunnelConfig
+from ipshift.tunnel.config import (
+    AddressMapping,
+    ConfigError,
+    Endpoint,
+    TunnelConfig,
+    remote_problem,
+)
 from ipshift.ui import UserError
 
 A = Endpoint.parse("192.0.2.1:4789")
@@ -194,3 +200,40 @@ def test_run_without_root_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> N
                         lambda *a, **k: pytest.fail("started anyway"))
     assert main(["tunnel", "run", "--dev", "tq0", "--local", "192.0.2.1:4789",
                  "--remote", "192.0.2.2:4789"]) == 2
+
+
+@pytest.mark.parametrize(("remote", "message"), [
+    ("0.0.0.0:4789", "unspecified"), ("[::]:4789", "unspecified"),
+    ("255.255.255.255:4789", "broadcast"), ("224.0.0.1:4789", "multicast"),
+    ("[ff02::1]:4789", "multicast"), ("127.0.0.1:4789", "loopback"), ("[::1]:4789", "loopback"),
+])
+def test_a_peer_is_one_unicast_host_elsewhere(remote: str, message: str) -> None:
+    local = "[2001:db8::1]:4789" if remote.startswith("[") else "192.0.2.1:4789"
+    with pytest.raises(ConfigError, match=message):
+        TunnelConfig("tun0", Endpoint.parse(local), Endpoint.parse(remote))
+
+
+def test_a_route_covering_the_peer_is_refused() -> None:
+    with pytest.raises(ConfigError, match="covers the peer"):
+        TunnelConfig("tun0", A, B, routes=(ipaddress.ip_network("192.0.2.0/24"),))
+
+
+def test_a_multicast_local_end_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--local"):
+        TunnelConfig("tun0", Endpoint.parse("239.1.1.1:4789"), B)
+
+
+def test_the_peer_being_this_host_is_found() -> None:
+    config = TunnelConfig("tun0", A, B)
+    assert remote_problem(config, ["192.0.2.1", "fe80::1%eth0"]) is None
+    problem = remote_problem(config, [str(B.host)])
+    assert problem and "address of this host" in problem
+
+
+def test_dev_bytes_that_are_not_utf8_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from ipshift.cli import main
+
+    rc = main(["tunnel", "run", "--dev", b"\xff\xfe".decode(errors="surrogateescape"),
+               "--local", "192.0.2.1:4789", "--remote", "192.0.2.2:4789"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--dev" in err[0]
