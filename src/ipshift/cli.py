@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -37,9 +38,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(args.verbose)
     try:
-        return handler(args)
+        status = handler(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled
+        return status
     except UserError as exc:
         print(f"ipshift: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`| head`): quiet, as shell tools are, and no complaint from
+        # the interpreter's final flush either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from ipshift.ctl.client import request
-from ipshift.ctl.protocol import CtlError, socket_path
+from ipshift.ctl.protocol import CtlError, decode_message, socket_path
 from ipshift.ctl.render import render
 from ipshift.ui import UserError
 
 
 def _call(args: argparse.Namespace) -> int:
     path = Path(args.socket) if "/" in args.socket else socket_path(args.socket)
-    try:
-        params: dict[str, Any] = json.loads(args.params) if args.params else {}
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--params is not JSON: {exc}") from exc
-    if not isinstance(params, dict):
-        raise UserError("--params must be a JSON object")
+    params: dict[str, Any] = {}
+    if args.params:
+        try:  # the wire's own rules: one JSON object, no NaN, bounded nesting
+            params = decode_message(args.params.encode("utf-8", "surrogateescape"))
+        except CtlError as exc:
+            raise UserError(f"--params must be a JSON object: {exc.message}") from exc
     try:
         result = request(path, args.method, **params)
     except CtlError as exc:

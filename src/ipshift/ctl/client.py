@@ -2,29 +2,38 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
+import os
 import socket
+import stat
 from pathlib import Path
 from typing import Any
 
-from ipshift.ctl.protocol import MAX_LINE, CtlError, decode_message, encode_message
+from ipshift.ctl.protocol import (
+    MAX_LINE,
+    SUN_PATH_MAX,
+    CtlError,
+    decode_message,
+    encode_message,
+)
 
 
 class CtlClient:
     def __init__(self, path: Path, *, timeout: float = 5.0):
         self.path = path
         self._ids = itertools.count(1)
+        if len(os.fsencode(str(path))) > SUN_PATH_MAX:
+            raise CtlError("bad-path", f"{str(path)[:60]}... is longer than a unix socket path "
+                                       f"may be ({SUN_PATH_MAX} bytes)")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
             self._sock.connect(str(path))
-        except FileNotFoundError as exc:
-            self._sock.close()
-            raise CtlError("not-running", f"no daemon listens on {path} (is it running?)") from exc
         except OSError as exc:
             self._sock.close()
-            raise CtlError("not-running", f"cannot reach {path}: {exc.strerror}") from exc
-        self._buf = b""
+            raise connect_error(path, exc) from exc
+        self._buf = bytearray()
 
     def call(self, method: str, **params: Any) -> Any:
         """The result of `method`; raises CtlError for an error answer and for anything that
@@ -45,7 +54,9 @@ class CtlClient:
                                       f"{self._sock.gettimeout()} s") from exc
         except OSError as exc:
             raise CtlError("closed", f"talking to {self.path}: {exc.strerror or exc}") from exc
-        line, self._buf = self._buf.split(b"\n", 1)
+        end = self._buf.index(b"\n")
+        line = bytes(self._buf[:end])
+        del self._buf[:end + 1]
         try:
             answer = decode_message(line)
         except CtlError as exc:
@@ -68,6 +79,28 @@ class CtlClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def connect_error(path: Path, exc: OSError) -> CtlError:
+    """What a failed connect to a control socket means, said plainly."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return CtlError("not-running", f"no daemon listens on {path} (is it running?)")
+    except PermissionError:
+        return CtlError("permission", f"permission denied on {path}: run as root")
+    except OSError as stat_exc:
+        return CtlError("not-running", f"cannot reach {path}: {stat_exc.strerror or stat_exc}")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return CtlError("permission", f"permission denied on {path}: run as root")
+    if not stat.S_ISSOCK(mode):
+        return CtlError("not-a-socket", f"{path} is not a control socket")
+    if isinstance(exc, ConnectionRefusedError):
+        return CtlError("not-running", f"no daemon listens on {path} (a stale socket: is it "
+                                       "running?)")
+    if isinstance(exc, TimeoutError) or exc.errno == errno.EAGAIN:
+        return CtlError("timeout", f"the daemon on {path} does not accept connections (busy?)")
+    return CtlError("not-running", f"cannot reach {path}: {exc.strerror or exc}")
 
 
 def request(path: Path, method: str, **params: Any) -> Any:

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_DIR = Path(os.environ.get("IPSHIFT_RUN_DIR", "/run/ipshift"))
-MAX_LINE = 1 << 20  # a control message larger than 1 MiB is a bug or an attack
+SUN_PATH_MAX = 107  # bytes of a unix socket path, without the terminating NUL
+MAX_REQUEST = 64 * 1024  # a request line: parameters are small; a longer one is refused
+MAX_LINE = 16 << 20  # an answer (a status of many thousands of routes) a client accepts
 
 
 class CtlError(Exception):
@@ -34,7 +36,26 @@ def socket_path(name: str, directory: Path | None = None) -> Path:
 
 
 def encode_message(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n"
+    """One line of strict JSON; NaN and infinities (not JSON) become null."""
+    try:
+        text = json.dumps(obj, separators=(",", ":"), default=str, allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite(obj), separators=(",", ":"), default=str, allow_nan=False)
+    return text.encode() + b"\n"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def decode_message(line: bytes) -> dict[str, Any]:
@@ -42,7 +63,7 @@ def decode_message(line: bytes) -> dict[str, Any]:
     if len(line) > MAX_LINE:
         raise CtlError("bad-request", f"message longer than {MAX_LINE} bytes")
     try:
-        obj = json.loads(line.decode("utf-8"))
+        obj = json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:
         # UnicodeDecodeError and JSONDecodeError are ValueErrors, and so is an integer of
         # thousands of digits; deep nesting exhausts the recursion limit.

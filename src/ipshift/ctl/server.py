@@ -25,22 +25,19 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from ipshift.ctl import protocol as _protocol
 from ipshift.ctl.protocol import (
+    MAX_REQUEST,
+    SUN_PATH_MAX,
     CtlError,
     decode_message,
     encode_message,
     parse_request,
 )
 
-# requests are small; answers (a status of thousands of routes) may be much larger
-MAX_REQUEST: int = getattr(_protocol, "MAX_REQUEST", 64 * 1024)
-
 log = logging.getLogger("ipshift.ctl")
 
 Handler = Callable[[dict[str, Any]], Any | Awaitable[Any]]
 
-SUN_PATH_MAX = 107  # bytes of a unix socket path, without the terminating NUL
 MAX_CONNECTIONS = 32  # control clients at once; people and scripts, not a fleet
 IDLE_TIMEOUT = 30.0  # seconds a connection may take to send its next complete request
 WRITE_TIMEOUT = 10.0  # seconds a client may take to read an answer

@@ -247,6 +247,8 @@ class ResendEngine:
             raise WakeupError("empty wakeup message; still waiting")
         for address in addresses:
             why = not_beyond_link(address)
+            if why is None and getattr(address, "scope_id", None):
+                why = "a global address has no zone (%...)"
             if why is not None:
                 self.counters.bad_messages += 1
                 raise WakeupError(f"{address} cannot be the link's new address: {why}; "

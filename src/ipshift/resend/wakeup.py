@@ -55,6 +55,8 @@ def send_wakeup(path: Path, message: str) -> str:
     except CtlError as exc:
         if exc.code == "not-running":
             raise WakeupFailed(f"Unable to reach ip_resend on {path}: not running") from exc
+        if exc.code in ("permission", "not-a-socket", "bad-path", "timeout"):
+            raise WakeupFailed(f"Unable to reach ip_resend: {exc.message}") from exc
         raise WakeupFailed(f"ip_resend on {path}: {exc.message}") from exc
     return str(answer)
 

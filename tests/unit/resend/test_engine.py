@@ -429,3 +429,12 @@ def test_a_remapped_echo_identifier_is_restored():
     (m,) = [a.mapping for a in e.actions() if isinstance(a, MapFlow)]
     assert remap_of(m) == Remap("icmp", "198.51.100.20", 7, DNS_SRV, new_local=NEW,
                                 new_local_port=1001)
+
+
+def test_a_wakeup_address_with_a_zone_is_refused():
+    e = ResendEngine()
+    e.packet_out(dns_query(), 0.0)
+    e.actions()
+    with pytest.raises(WakeupError, match="no zone"):
+        e.wakeup("2001:db8:50::77%eth0", 1.0)
+    assert e.counters.bad_messages == 1
