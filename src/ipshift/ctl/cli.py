@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ipshift.ctl.client import request
-from ipshift.ctl.protocol import CtlError, decode_message, socket_path
+from ipshift.ctl.protocol import MAX_REQUEST, CtlError, decode_message, socket_path
 from ipshift.ctl.render import render
 from ipshift.ui import UserError
 
@@ -16,10 +16,11 @@ def _call(args: argparse.Namespace) -> int:
     path = Path(args.socket) if "/" in args.socket else socket_path(args.socket)
     params: dict[str, Any] = {}
     if args.params:
-        try:  # the wire's own rules: one JSON object, no NaN, bounded nesting
-            params = decode_message(args.params.encode("utf-8", "surrogateescape"))
+        try:  # the wire's own rules: one JSON object, no NaN, bounded size and nesting
+            params = decode_message(args.params.encode("utf-8", "surrogateescape"),
+                                    limit=MAX_REQUEST)
         except CtlError as exc:
-            raise UserError(f"--params must be a JSON object: {exc.message}") from exc
+            raise UserError(f"--params: {exc.message}") from exc
     try:
         result = request(path, args.method, **params)
     except CtlError as exc:
