@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ipshift.ctl import CtlError, request
+from ipshift.ctl.client import CONNECT_FAILURES
 from ipshift.ctl.protocol import DEFAULT_DIR
 
 SOCKET_DIR = DEFAULT_DIR / "resend"
@@ -55,7 +56,7 @@ def send_wakeup(path: Path, message: str) -> str:
     except CtlError as exc:
         if exc.code == "not-running":
             raise WakeupFailed(f"Unable to reach ip_resend on {path}: not running") from exc
-        if exc.code in ("permission", "not-a-socket", "bad-path", "timeout"):
+        if exc.code in CONNECT_FAILURES:  # permission, not a socket, ...: say which
             raise WakeupFailed(f"Unable to reach ip_resend: {exc.message}") from exc
         raise WakeupFailed(f"ip_resend on {path}: {exc.message}") from exc
     return str(answer)

@@ -1,6 +1,12 @@
 """The seed's command lines parse as the seed documents them."""
 
 import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +62,55 @@ def test_run_without_root_is_a_clear_error(monkeypatch, capsys):
                         lambda *a, **k: pytest.fail("started anyway"))
     assert main(["resend", "run", "-o", "ppp9"]) == 2
     assert "run it as root" in capsys.readouterr().err
+
+
+def _wakeup_error(capsys, *argv):
+    assert main(["-m", "192.0.2.1", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ip_resend_wakeup: ")
+    return err
+
+
+def test_wakeup_to_what_is_not_a_socket_says_so(tmp_path, capsys):
+    """`-c /etc/passwd` used to say "not running": ECONNREFUSED on a regular file."""
+    (tmp_path / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    for target in ("passwd", ".", "passwd/x"):
+        err = _wakeup_error(capsys, "-c", str(tmp_path / target))
+        assert "is not a control socket" in err and "not running" not in err
+
+
+def test_wakeup_to_a_stopped_ip_resend_says_not_running(tmp_path, capsys):
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(tmp_path / "ppp0"))
+    stale.close()
+    for target in ("ppp0", "absent"):
+        err = _wakeup_error(capsys, "-c", str(tmp_path / target))
+        assert err == f"ip_resend_wakeup: Unable to reach ip_resend on {tmp_path / target}: " \
+                      "not running\n"
+
+
+def test_wakeup_with_a_socket_path_too_long(tmp_path, capsys):
+    err = _wakeup_error(capsys, "-c", str(tmp_path / ("x" * 120)))
+    assert "at most 107" in err
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to run as another user")
+def test_wakeup_without_permission_says_run_as_root(tmp_path):
+    """An unprivileged ip-up script used to be told "not running"."""
+    private = tmp_path / "resend"
+    private.mkdir(mode=0o700)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(private / "ppp0"))
+    listener.listen()
+    try:
+        res = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+             "-m", "ipshift.resend.wakeup", "-m", "192.0.2.1", "-c", str(private / "ppp0")],
+            capture_output=True, text=True, timeout=30,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[3] / "src")})
+    finally:
+        listener.close()
+    assert res.returncode == 2
+    assert res.stderr == (f"ip_resend_wakeup: Unable to reach ip_resend: permission denied on "
+                          f"{private / 'ppp0'}: run as root\n")
