@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -13,6 +15,8 @@ from ipshift import __version__, registry
 from ipshift.ui import UserError, setup_logging
 
 Handler = Callable[[argparse.Namespace], int]
+
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool SIGPIPE ended
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,24 +34,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    handler: Handler | None = getattr(args, "handler", None)
-    if handler is None:
-        parser.print_help()
-        return 2
-    setup_logging(args.verbose)
     try:
-        status = handler(args)
-        sys.stdout.flush()  # here, where a closed pipe can still be handled
-        return status
-    except UserError as exc:
-        print(f"ipshift: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        try:
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            handler: Handler | None = getattr(args, "handler", None)
+            if handler is None:
+                parser.print_help()
+                return 2
+            setup_logging(args.verbose)
+            try:
+                return handler(args)
+            except UserError as exc:
+                print(f"ipshift: {exc}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                return 130
+        finally:
+            # A reader that went away (`| head`) shows here, where it can be handled, and not
+            # in the interpreter's final flush; also after --help, which exits by SystemExit.
+            if sys.stdout is not None and not sys.stdout.closed:
+                sys.stdout.flush()
     except BrokenPipeError:
-        # the reader went away (`| head`): quiet, as shell tools are, and no complaint from
-        # the interpreter's final flush either
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+        # quiet, as shell tools are; what is still buffered goes nowhere instead of raising
+        # again at exit
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return EXIT_BROKEN_PIPE
