@@ -18,6 +18,7 @@ UDP_HEADER_LEN = 8
 MIN_MTU = 576  # IPv4's minimum reassembly size; IPv6 needs 1280 and is checked separately
 IPV6_MIN_MTU = 1280  # RFC 8200 section 5
 IFNAMSIZ = 16  # Linux interface names: up to 15 bytes and a NUL
+IPV4_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 class ConfigError(ValueError):
@@ -123,11 +124,7 @@ class TunnelConfig:
                 raise ConfigError(f"{what}: {self.queues} queues need ports up to "
                                   f"{endpoint.port + self.queues - 1}")
         check_endpoints(self.local, self.remote)
-        for prefix in self.routes:
-            if self.remote.host in prefix:
-                raise ConfigError(f"--route {prefix} covers the peer's address "
-                                  f"{self.remote.host}: the tunnel would carry its own "
-                                  "datagrams; route a narrower prefix")
+        check_routes(self.routes, self.remote)
         for what, mappings in (("--rewrite-src", self.rewrite_src),
                                ("--rewrite-dst", self.rewrite_dst)):
             _check_mappings(what, mappings)
@@ -150,12 +147,6 @@ class TunnelConfig:
         for route in self.routes:
             if route.version == 6:
                 return f"--route {route}"
-        check_endpoints(self.local, self.remote)
-        for prefix in self.routes:
-            if self.remote.host in prefix:
-                raise ConfigError(f"--route {prefix} covers the peer's address "
-                                  f"{self.remote.host}: the tunnel would carry its own "
-                                  "datagrams; route a narrower prefix")
         for what, mappings in (("--rewrite-src", self.rewrite_src),
                                ("--rewrite-dst", self.rewrite_dst)):
             for mapping in mappings:
@@ -193,55 +184,84 @@ class TunnelConfig:
 
 
 def check_endpoints(local: Endpoint, remote: Endpoint) -> None:
-    """The peer must be one unicast host elsewhere; the local end an address of ours or any
-    (unspecified)."""
-    host = remote.host
-    problem = None
-    if host.is_unspecified:
+    """The peer must be one unicast host elsewhere; the local end an address of this host, or
+    the unspecified address (bind to any)."""
+    problem = _not_one_host(remote.host)
+    if problem is None and _plain(remote.host).is_unspecified:
         problem = "is unspecified: name the peer's address"
-    elif host.is_multicast or host == ipaddress.IPv4Address("255.255.255.255"):
-        problem = "is a multicast or broadcast address: a tunnel peer is one host"
-    elif host.is_loopback:
+    if problem is None and _plain(remote.host).is_loopback:
         problem = "is a loopback address: the peer must be another host"
     if problem:
-        raise ConfigError(f"--remote {remote}: {host} {problem}")
-    if local.host.is_multicast or local.host == ipaddress.IPv4Address("255.255.255.255"):
-        raise ConfigError(f"--local {local}: a multicast or broadcast address cannot be a "
-                          "tunnel end; use this host's address (or 0.0.0.0 / ::)")
+        raise ConfigError(f"--remote {remote}: {remote.host} {problem}")
+    problem = _not_one_host(local.host)
+    if problem:
+        raise ConfigError(f"--local {local}: {local.host} {problem}; use an address of this "
+                          "host (or 0.0.0.0 / [::] for any)")
+
+
+def check_routes(routes: Iterable[IPNetwork], remote: Endpoint) -> None:
+    """A route through the tunnel must not cover the peer's own address: the tunnel's
+    datagrams to the peer would be routed into the tunnel itself."""
+    peer = _plain(remote.host)
+    for prefix in routes:
+        if peer.version == prefix.version and peer in prefix:
+            raise ConfigError(f"--route {prefix} covers the peer's address {remote.host}: the "
+                              "tunnel would carry its own datagrams; route narrower prefixes "
+                              "that leave the peer out")
 
 
 def remote_problem(config: TunnelConfig, local_addresses: Iterable[str]) -> str | None:
-    """Why the peer cannot be reached as a peer, given this namespace's addresses: the peer
-    being this host itself would loop the tunnel's datagrams back to it."""
-    mine = set()
+    """Why the peer cannot be `config.remote`, given the addresses of this host (of the
+    namespace the tunnel runs in) as text, zone suffixes ("%eth0") allowed; None if it can.
+    A peer that is this host itself would loop the tunnel's datagrams back to it. The daemon
+    calls this with what the kernel reports; unparsable entries are skipped."""
+    peer = _plain(config.remote.host)
     for text in local_addresses:
         try:
-            mine.add(ipaddress.ip_address(text.split("%")[0]))
+            address = _plain(ipaddress.ip_address(text.partition("%")[0]))
         except ValueError:
             continue
-    if config.remote.host in mine:
-        return (f"--remote {config.remote}: {config.remote.host} is an address of this host; "
-                "name the peer's address")
+        if address == peer:
+            return (f"--remote {config.remote}: {config.remote.host} is an address of this "
+                    "host; name the peer's address")
+    return None
+
+
+def _plain(address: IPAddress) -> IPAddress:
+    """`address` without a zone, and an IPv4-mapped IPv6 address as the IPv4 address it
+    reaches (a socket sends to ::ffff:127.0.0.1 over loopback)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address.scope_id:
+            return ipaddress.IPv6Address(int(address))
+    return address
+
+
+def _not_one_host(address: IPAddress) -> str | None:
+    """Why datagrams to or from `address` do not concern one host, or None."""
+    plain = _plain(address)
+    if plain.is_multicast:
+        return "is a multicast address: a tunnel end is one host"
+    if plain == IPV4_BROADCAST:
+        return "is the broadcast address: a tunnel end is one host"
     return None
 
 
 def check_interface_name(name: str) -> None:
     """Refuse a --dev name Linux refuses (dev_valid_name: 1-15 bytes; not "." or ".."; no "/",
-    ":" or whitespace) or that it would treat as a pattern ("%": tun%d picks a free number)."""
-    try:
-        size = len(name.encode())
-    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as surrogate escapes
-        raise ConfigError(f"--dev {name!a}: an interface name must be text (UTF-8); "
-                          "use letters, digits, '-', '_' or '.'") from None
-    if not 1 <= size <= IFNAMSIZ - 1:
+    ":" or whitespace), one it would treat as a pattern ("%": tun%d picks a free number), and
+    anything but printable ASCII (what other tools, nft rules and logs handle everywhere;
+    bytes of argv that are not UTF-8 arrive as surrogate escapes and are caught here too)."""
+    if not name.isascii() or not name.isprintable():
+        raise ConfigError(f"--dev {name!a}: an interface name is printable ASCII "
+                          "(letters, digits, '-', '_', '.')")
+    if not 1 <= len(name) <= IFNAMSIZ - 1:
         raise ConfigError(f"--dev {name!r}: an interface name has 1-{IFNAMSIZ - 1} bytes, "
-                          f"not {size}")
+                          f"not {len(name)}")
     if name in (".", ".."):
         raise ConfigError(f"--dev {name!r}: '.' and '..' are not interface names")
-    # Linux's isspace() also takes the byte 0xA0 (Latin-1 no-break space), which the UTF-8 of
-    # some characters contains; control characters are refused here as well.
-    bad = sorted({c for c in name if c in "/:%" or c.isspace() or not c.isprintable()
-                  or 0xA0 in c.encode()})
+    bad = sorted({c for c in name if c in "/:%" or c.isspace()})
     if bad:
         raise ConfigError(f"--dev {name!r}: an interface name cannot contain "
                           f"{', '.join(repr(c) for c in bad)} (no '/', ':', '%' or whitespace)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import re
 
 import pytest
 
@@ -88,16 +89,17 @@ def test_two_rules_for_one_address_are_refused(field: str, rules: list[str]) -> 
 
 @pytest.mark.parametrize(
     "name", ["", ".", "..", "a:b", "tun 0", "tun\t0", " tun0", "tun0\n", "a/b", "tun%d",
-             "a" * 16, "\u00e9" * 8, "tun\u00a00", "tun\x000"],
+             "a" * 16, "\u00e9" * 8, "tun\u00a00", "tun\x000", "\u00e9" * 7, "caf\u00e9",
+             "\udcff\udcfe", "tun\x7f"],
 )
 def test_bad_interface_names(name: str) -> None:
-    """Linux's rules (1-15 bytes, not "." or "..", no "/", ":" or whitespace) and no "%"
-    (tun%d: the kernel would pick another name)."""
+    """Linux's rules (1-15 bytes, not "." or "..", no "/", ":" or whitespace), no "%"
+    (tun%d: the kernel would pick another name), and printable ASCII only."""
     with pytest.raises(ConfigError, match="--dev"):
         TunnelConfig(name, A, B)
 
 
-@pytest.mark.parametrize("name", ["tun0", "a" * 15, "my-tun.1_x", "\u00e9" * 7, "...", ".a"])
+@pytest.mark.parametrize("name", ["tun0", "a" * 15, "my-tun.1_x", "...", ".a", "t@n+1=~"])
 def test_good_interface_names(name: str) -> None:
     assert TunnelConfig(name, A, B).dev == name
 
@@ -206,28 +208,66 @@ def test_run_without_root_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> N
     ("0.0.0.0:4789", "unspecified"), ("[::]:4789", "unspecified"),
     ("255.255.255.255:4789", "broadcast"), ("224.0.0.1:4789", "multicast"),
     ("[ff02::1]:4789", "multicast"), ("127.0.0.1:4789", "loopback"), ("[::1]:4789", "loopback"),
+    ("127.9.9.9:4789", "loopback"), ("[::ffff:127.0.0.1]:4789", "loopback"),
+    ("[::ffff:224.0.0.1]:4789", "multicast"), ("[::ffff:0.0.0.0]:4789", "unspecified"),
 ])
 def test_a_peer_is_one_unicast_host_elsewhere(remote: str, message: str) -> None:
     local = "[2001:db8::1]:4789" if remote.startswith("[") else "192.0.2.1:4789"
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as info:
+        TunnelConfig("tun0", Endpoint.parse(local), Endpoint.parse(remote))
+    assert str(info.value).startswith(f"--remote {Endpoint.parse(remote)}: ")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("route", "remote"), [
+    ("192.0.2.0/24", "192.0.2.2:4789"), ("0.0.0.0/0", "192.0.2.2:4789"),
+    ("192.0.2.2/32", "192.0.2.2:4789"), ("2001:db8::/32", "[2001:db8::2]:4789"),
+    ("::/0", "[2001:db8::2]:4789"), ("192.0.2.0/24", "[::ffff:192.0.2.2]:4789"),
+])
+def test_a_route_covering_the_peer_is_refused(route: str, remote: str) -> None:
+    """The tunnel's own datagrams to the peer would be routed into the tunnel."""
+    local = "[2001:db8::1]:4789" if remote.startswith("[") else "192.0.2.1:4789"
+    with pytest.raises(ConfigError, match=re.escape(f"--route {route} covers the peer")):
+        TunnelConfig("tun0", Endpoint.parse(local), Endpoint.parse(remote),
+                     routes=(ipaddress.ip_network("198.51.100.0/24"),
+                             ipaddress.ip_network(route)))
+
+
+def test_routes_beside_the_peer_are_fine() -> None:
+    routes = tuple(ipaddress.ip_network(r) for r in ("192.0.2.0/31", "192.0.2.3/32",
+                                                     "198.51.100.0/24", "2001:db8::/32", "::/0"))
+    assert TunnelConfig("tun0", A, B, routes=routes).routes == routes
+
+
+@pytest.mark.parametrize("local", ["239.1.1.1:4789", "255.255.255.255:4789", "[ff02::1]:4789",
+                                   "[ff05::2]:4789"])
+def test_a_multicast_or_broadcast_local_end_is_refused(local: str) -> None:
+    remote = "[2001:db8::2]:4789" if local.startswith("[") else "192.0.2.2:4789"
+    with pytest.raises(ConfigError, match=re.escape(f"--local {local}: ") + ".* a tunnel end is "
+                       "one host"):
         TunnelConfig("tun0", Endpoint.parse(local), Endpoint.parse(remote))
 
 
-def test_a_route_covering_the_peer_is_refused() -> None:
-    with pytest.raises(ConfigError, match="covers the peer"):
-        TunnelConfig("tun0", A, B, routes=(ipaddress.ip_network("192.0.2.0/24"),))
-
-
-def test_a_multicast_local_end_is_refused() -> None:
-    with pytest.raises(ConfigError, match="--local"):
-        TunnelConfig("tun0", Endpoint.parse("239.1.1.1:4789"), B)
+@pytest.mark.parametrize(("local", "remote"), [("0.0.0.0:4789", "192.0.2.2:4789"),
+                                               ("[::]:4789", "[2001:db8::2]:4789")])
+def test_an_unspecified_local_end_binds_any(local: str, remote: str) -> None:
+    assert TunnelConfig("tun0", Endpoint.parse(local), Endpoint.parse(remote)).local.port == 4789
 
 
 def test_the_peer_being_this_host_is_found() -> None:
+    """The daemon hands in the namespace's addresses; the check itself is pure."""
     config = TunnelConfig("tun0", A, B)
-    assert remote_problem(config, ["192.0.2.1", "fe80::1%eth0"]) is None
-    problem = remote_problem(config, [str(B.host)])
-    assert problem and "address of this host" in problem
+    assert remote_problem(config, ["192.0.2.1", "fe80::1%eth0", "not an address"]) is None
+    assert remote_problem(config, []) is None
+    problem = remote_problem(config, ["fe80::1%eth0", str(B.host)])
+    assert problem == ("--remote 192.0.2.2:4789: 192.0.2.2 is an address of this host; name "
+                       "the peer's address")
+    six = TunnelConfig("tun0", Endpoint.parse("[2001:db8::1]:1"),
+                       Endpoint.parse("[fe80::2%eth0]:1"))
+    assert remote_problem(six, ["fe80::2%eth1"])  # the same address, whatever the zone
+    assert remote_problem(six, ["fe80::3%eth0"]) is None
+    mapped = TunnelConfig("tun0", Endpoint.parse("[::]:1"), Endpoint.parse("[::ffff:192.0.2.2]:1"))
+    assert remote_problem(mapped, ["192.0.2.2"])  # reached over IPv4
 
 
 def test_dev_bytes_that_are_not_utf8_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
