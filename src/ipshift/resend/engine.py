@@ -247,8 +247,10 @@ class ResendEngine:
             raise WakeupError("empty wakeup message; still waiting")
         for address in addresses:
             why = not_beyond_link(address)
-            if why is None and getattr(address, "scope_id", None):
-                why = "a global address has no zone (%...)"
+            if why is None and isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+                # nftables and the packets carry no zone: send the address without it
+                why = (f"a zone (%{address.scope_id}) belongs to link-local addresses only; "
+                       "send the address without it")
             if why is not None:
                 self.counters.bad_messages += 1
                 raise WakeupError(f"{address} cannot be the link's new address: {why}; "
