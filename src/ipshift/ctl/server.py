@@ -265,7 +265,14 @@ class CtlServer:
                     break
                 if not line.strip():
                     continue
-                writer.write(encode_message(await self.dispatch(line)))
+                answer = await self.dispatch(line)
+                try:
+                    data = encode_message(answer)
+                except CtlError as exc:  # a method returned what JSON cannot carry
+                    log.error("control: answer to %s: %s", answer.get("id"), exc.message)
+                    data = encode_message({"id": None, "error": {
+                        "code": "failed", "message": "the answer could not be encoded"}})
+                writer.write(data)
                 try:
                     await asyncio.wait_for(writer.drain(), self.write_timeout)
                 except TimeoutError:
