@@ -6,14 +6,20 @@ import ipaddress
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ipshift.tunnel import wire
+
+if TYPE_CHECKING:
+    from ipshift.tunnel.peers import Peer
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MAX_QUEUES = 16
+MAX_HEADROOM = 256  # bytes a hook may add to a packet (an IPv6 destination option needs 8-24)
+AUTH_OVERHEAD = 28  # ipshift.tunnel.auth.OVERHEAD: nonce and tag per authenticated datagram
 UDP_HEADER_LEN = 8
 MIN_MTU = 576  # IPv4's minimum reassembly size; IPv6 needs 1280 and is checked separately
 IPV6_MIN_MTU = 1280  # RFC 8200 section 5
@@ -93,13 +99,20 @@ FRAMINGS = ("batch", "packet")
 
 @dataclass(frozen=True)
 class TunnelConfig:
-    """One point-to-point tunnel. With queues > 1 the tunnel uses UDP ports local.port ..
-    local.port + queues - 1 (and the same range at the remote end): one socket per queue, so
-    each worker has its own flow through the underlay."""
+    """One tunnel end. Its peers are either one `remote` (a point-to-point tunnel: the peer
+    owns the --route prefixes and the subnets of the --address entries) or `peers`, a table
+    (ipshift.tunnel.peers) that can change while the tunnel runs.
+
+    With queues > 1 the tunnel uses UDP ports local.port .. local.port + queues - 1 (and the
+    same range at every peer): one socket per queue, so each worker has its own flow through
+    the underlay. `extra_local`: a second local endpoint of the other IP family, so that IPv4
+    and IPv6 peers are served side by side. `serve`: inner destinations this end accepts from
+    the tunnel besides its own addresses (a gateway's networks); None accepts any (a relay).
+    `headroom`: bytes the tunnel MTU leaves for hooks that add headers."""
 
     dev: str
     local: Endpoint
-    remote: Endpoint
+    remote: Endpoint | None = None
     addresses: tuple[IPInterface, ...] = ()
     routes: tuple[IPNetwork, ...] = ()
     mtu: int | None = None  # None: the underlay path MTU minus the tunnel overhead
@@ -110,32 +123,74 @@ class TunnelConfig:
     # "batch": super-packets cross whole, in chunks (wire version 2); "packet": one inner
     # packet per datagram for everything (version 1 only, for peers that speak nothing else).
     framing: str = "batch"
+    peers: tuple[Peer, ...] = ()
+    extra_local: Endpoint | None = None
+    serve: tuple[IPNetwork, ...] | None = ()
+    headroom: int = 0
 
     def __post_init__(self) -> None:
         if self.framing not in FRAMINGS:
             raise ConfigError(f"--framing must be one of {', '.join(FRAMINGS)}")
         check_interface_name(self.dev)
-        if self.local.family != self.remote.family:
+        if (self.remote is None) == (not self.peers):
+            raise ConfigError("give the peer with --remote ADDR:PORT, or several with --peers "
+                              "FILE (not both)")
+        if self.remote is not None and self.local.family != self.remote.family:
             raise ConfigError("--local and --remote must both be IPv4 or both be IPv6")
+        if self.extra_local is not None and self.extra_local.family == self.local.family:
+            raise ConfigError("a second --local must be of the other IP family (one IPv4 and "
+                              "one IPv6 endpoint)")
         if not 1 <= self.queues <= MAX_QUEUES:
             raise ConfigError(f"--queues must be 1..{MAX_QUEUES}")
-        for endpoint, what in ((self.local, "--local"), (self.remote, "--remote")):
-            if endpoint.port + self.queues - 1 > 65535:
+        if not 0 <= self.headroom <= MAX_HEADROOM:
+            raise ConfigError(f"--headroom must be 0..{MAX_HEADROOM} bytes")
+        ends: list[tuple[Endpoint | None, str]] = [
+            (self.local, "--local"), (self.extra_local, "--local"), (self.remote, "--remote")]
+        ends += [(peer.endpoint, f"peer {peer.name!r}") for peer in self.peers
+                 if peer.endpoint.port]
+        for endpoint, what in ends:
+            if endpoint is not None and endpoint.port + self.queues - 1 > 65535:
                 raise ConfigError(f"{what}: {self.queues} queues need ports up to "
                                   f"{endpoint.port + self.queues - 1}")
-        check_endpoints(self.local, self.remote)
-        check_routes(self.routes, self.remote)
+        for local in (self.local, self.extra_local):
+            if local is not None:
+                check_local(local)
+        for remote, what in self.remotes():
+            check_remote(remote, what)
+            check_routes(self.routes, remote, what)
+            if self.local.family != remote.family and (
+                self.extra_local is None or self.extra_local.family != remote.family
+            ):
+                raise ConfigError(f"{what} {remote}: no local endpoint of its IP family; give "
+                                  f"--local for IPv{remote.host.version} too")
         for what, mappings in (("--rewrite-src", self.rewrite_src),
                                ("--rewrite-dst", self.rewrite_dst)):
             _check_mappings(what, mappings)
         if self.mtu is not None:
             self.check_mtu(self.mtu)
 
+    def remotes(self) -> list[tuple[Endpoint, str]]:
+        """Every peer endpoint, with how the configuration names it."""
+        if self.remote is not None:
+            return [(self.remote, "--remote")]
+        return [(peer.endpoint, f"peer {peer.name!r}") for peer in self.peers]
+
+    def locals(self) -> list[Endpoint]:
+        return [self.local] if self.extra_local is None else [self.local, self.extra_local]
+
+    @property
+    def authenticated(self) -> bool:
+        """Does any configured peer authenticate its datagrams (which costs MTU)?"""
+        return any(peer.key is not None for peer in self.peers)
+
     @property
     def overhead(self) -> int:
-        """Bytes the tunnel adds to each inner packet: outer IP + UDP + tunnel header."""
-        outer_ip = 40 if self.remote.host.version == 6 else 20
-        return outer_ip + UDP_HEADER_LEN + wire.HEADER_LEN
+        """Bytes the tunnel adds to each inner packet: outer IP + UDP + tunnel header (over
+        IPv6 if any peer is reached over IPv6), the authentication header and tag if any peer
+        has a key, and the headroom left for hooks."""
+        six = any(remote.host.version == 6 for remote, _what in self.remotes())
+        auth = AUTH_OVERHEAD if self.authenticated else 0
+        return (40 if six else 20) + UDP_HEADER_LEN + wire.HEADER_LEN + auth + self.headroom
 
     @property
     def ipv6_cause(self) -> str | None:
@@ -152,6 +207,10 @@ class TunnelConfig:
             for mapping in mappings:
                 if mapping.old.version == 6:
                     return f"{what} {mapping}"
+        for peer in self.peers:
+            for entry in (*peer.prefixes, *peer.addresses):
+                if entry.version == 6:
+                    return f"peer {peer.name!r} ({entry})"
         return None
 
     def check_mtu(self, mtu: int, underlay_mtu: int | None = None) -> None:
@@ -186,44 +245,55 @@ class TunnelConfig:
 def check_endpoints(local: Endpoint, remote: Endpoint) -> None:
     """The peer must be one unicast host elsewhere; the local end an address of this host, or
     the unspecified address (bind to any)."""
+    check_remote(remote)
+    check_local(local)
+
+
+def check_remote(remote: Endpoint, what: str = "--remote") -> None:
+    """A peer endpoint must be one unicast host elsewhere."""
     problem = _not_one_host(remote.host)
     if problem is None and _plain(remote.host).is_unspecified:
         problem = "is unspecified: name the peer's address"
     if problem is None and _plain(remote.host).is_loopback:
         problem = "is a loopback address: the peer must be another host"
     if problem:
-        raise ConfigError(f"--remote {remote}: {remote.host} {problem}")
+        raise ConfigError(f"{what} {remote}: {remote.host} {problem}")
+
+
+def check_local(local: Endpoint) -> None:
     problem = _not_one_host(local.host)
     if problem:
         raise ConfigError(f"--local {local}: {local.host} {problem}; use an address of this "
                           "host (or 0.0.0.0 / [::] for any)")
 
 
-def check_routes(routes: Iterable[IPNetwork], remote: Endpoint) -> None:
-    """A route through the tunnel must not cover the peer's own address: the tunnel's
+def check_routes(routes: Iterable[IPNetwork], remote: Endpoint, what: str = "--remote") -> None:
+    """A route through the tunnel must not cover a peer's own address: the tunnel's
     datagrams to the peer would be routed into the tunnel itself."""
     peer = _plain(remote.host)
     for prefix in routes:
         if peer.version == prefix.version and peer in prefix:
-            raise ConfigError(f"--route {prefix} covers the peer's address {remote.host}: the "
+            name = "the peer's address" if what == "--remote" else f"the address of {what}"
+            raise ConfigError(f"--route {prefix} covers {name} {remote.host}: the "
                               "tunnel would carry its own datagrams; route narrower prefixes "
                               "that leave the peer out")
 
 
 def remote_problem(config: TunnelConfig, local_addresses: Iterable[str]) -> str | None:
-    """Why the peer cannot be `config.remote`, given the addresses of this host (of the
-    namespace the tunnel runs in) as text, zone suffixes ("%eth0") allowed; None if it can.
-    A peer that is this host itself would loop the tunnel's datagrams back to it. The daemon
-    calls this with what the kernel reports; unparsable entries are skipped."""
-    peer = _plain(config.remote.host)
+    """Why a peer cannot be where the configuration puts it, given the addresses of this host
+    (of the namespace the tunnel runs in) as text, zone suffixes ("%eth0") allowed; None if
+    every peer can. A peer that is this host itself would loop the tunnel's datagrams back to
+    it. The daemon calls this with what the kernel reports; unparsable entries are skipped."""
+    own: set[IPAddress] = set()
     for text in local_addresses:
         try:
-            address = _plain(ipaddress.ip_address(text.partition("%")[0]))
+            own.add(_plain(ipaddress.ip_address(text.partition("%")[0])))
         except ValueError:
             continue
-        if address == peer:
-            return (f"--remote {config.remote}: {config.remote.host} is an address of this "
-                    "host; name the peer's address")
+    for remote, what in config.remotes():
+        if _plain(remote.host) in own:
+            return (f"{what} {remote}: {remote.host} is an address of this host; name the "
+                    "peer's address")
     return None
 
 
