@@ -46,6 +46,7 @@ from ipshift.tunnel.gso import (
     OtherDatagram,
     PacketHook,
     SegmentError,
+    resized_vnet,
     super_packet_shape,
 )
 
@@ -155,6 +156,14 @@ class LossReporter:
         return report
 
 
+def report_counts(data: Buffer) -> tuple[int, int]:
+    """(complete, incomplete) streams of a loss report; BatchError if it is not one."""
+    if len(data) != REPORT_LEN or data[0] != REPORT_BYTE or data[1] or data[2] or data[3]:
+        raise BatchError("bad-report", f"{len(data)}-byte loss report")
+    _first, _reserved, _zero, complete, incomplete = REPORT.unpack_from(data)
+    return complete, incomplete
+
+
 class Fallback:
     """Send side of the loss feedback: whether super-packets go in per-packet framing now."""
 
@@ -165,9 +174,7 @@ class Fallback:
     def on_report(self, data: Buffer, now: float) -> bool:
         """Take a loss report; True if it makes the sender fall back. Raises BatchError for a
         malformed one."""
-        if len(data) != REPORT_LEN or data[0] != REPORT_BYTE or data[1] or data[2] or data[3]:
-            raise BatchError("bad-report", f"{len(data)}-byte loss report")
-        _first, _reserved, _zero, complete, incomplete = REPORT.unpack_from(data)
+        complete, incomplete = report_counts(data)
         if incomplete >= MIN_INCOMPLETE and incomplete >= LOSS_SHARE * (complete + incomplete):
             if not self.until:
                 self.count += 1
@@ -635,13 +642,25 @@ class BatchAssembler:
         if hook is not None:
             # The hook sees the packet's headers in a buffer as long as the packet (it
             # rewrites headers only; the payload stays where it is). A buffer per stream: a
-            # batch may complete several streams before any of them is written.
+            # batch may complete several streams before any of them is written. A hook that
+            # may change lengths (`resizes`) sees the whole packet.
             first = iov[1]
-            headers = bytearray(sum(len(piece) for piece in iov[1:]))
-            headers[:len(first)] = first
-            if not hook(headers, 0, True):
+            if getattr(hook, "resizes", False):
+                headers = bytearray().join(iov[1:])
+            else:
+                headers = bytearray(sum(len(piece) for piece in iov[1:]))
+                headers[:len(first)] = first
+            result = hook(headers, 0, True)
+            if result is True:
+                iov[1] = memoryview(headers)[:len(first)]
+                if getattr(hook, "resizes", False):
+                    del iov[2:]
+                    iov[1] = headers
+            elif result:
+                iov[0] = resized_vnet(bytes(iov[0]), len(result) - len(headers))
+                iov[1:] = [result]
+            else:
                 return
-            iov[1] = memoryview(headers)[:len(first)]
         writes.append(iov)
 
     def _recover(self, stream: _Stream, writes: list[IoVec], hook: PacketHook | None) -> None:
@@ -673,8 +692,8 @@ class BatchAssembler:
             version, l4_len, header_len = super_packet_shape(
                 scratch, base, size, stream.vnet_flags, stream.gso_type, stream.gso_size,
                 stream.csum_start, stream.csum_offset)
-            if hook is not None and not hook(scratch, base, True):
-                return
+            if hook is not None and hook(scratch, base, True) is not True:
+                return  # dropped, or resized, which recovery cannot take
             iov, segment = self._encapsulator.encapsulate(
                 base + size, stream.vnet_flags, stream.gso_type, stream.gso_size,
                 stream.csum_start, stream.csum_offset)

@@ -8,23 +8,36 @@ runtime (`TunnelService`, ipshift.daemon): one instance per device name and name
 Workers: one queue is forwarded by a thread of this process; with --queues N (IFF_MULTI_QUEUE)
 each queue gets a worker process of its own, because the GIL would serialise threads. The
 kernel spreads flows over the queues; each queue has its own UDP port pair, so the flows stay
-apart in the underlay too. Workers publish their counters into shared memory twice a second.
+apart in the underlay too. Workers publish their counters into shared memory twice a second;
+per-peer counters live in a shared mapping they write directly.
+
+Changes while running (`update_peers`, `set_local_destinations`, `set_rewrites`,
+`update_hook_state`): the daemon keeps the authoritative `PeerTable`; the forwarding thread
+gets the new table between two reads (Forwarder.call_soon), a worker process gets the table's
+delta (or a snapshot) through its control pipe and acknowledges the generation it applied, so
+an update returns once every queue forwards with it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import ipaddress
+import json
 import logging
 import multiprocessing
 import multiprocessing.sharedctypes
 import os
+import select
 import signal
 import socket
+import struct
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ipshift.ctl.protocol import CtlError
 from ipshift.daemon import (
     TUN_DEVICE,
     DaemonOptions,
@@ -37,15 +50,34 @@ from ipshift.daemon import (
 from ipshift.net import sysctl, tun, udp
 from ipshift.net.errors import NetError
 from ipshift.net.netlink import Netlink, Route
-from ipshift.tunnel import batch
-from ipshift.tunnel.config import TunnelConfig, remote_problem
-from ipshift.tunnel.forwarder import Counters, Forwarder, Hooks, QueuePump
-from ipshift.tunnel.rewrite import AddressRewriter
+from ipshift.tunnel import auth, batch
+from ipshift.tunnel.config import ConfigError, IPNetwork, TunnelConfig, remote_problem
+from ipshift.tunnel.forwarder import (
+    DEFAULT_PEER_SLOTS,
+    Counters,
+    Forwarder,
+    PeerCounterArray,
+    QueuePump,
+)
+from ipshift.tunnel.hooks import Hooks, compose
+from ipshift.tunnel.peers import (
+    GenerationError,
+    Peer,
+    PeerCodecError,
+    PeerTable,
+    decode_message,
+    encode_delta,
+    encode_table,
+)
+from ipshift.tunnel.rewrite import AddressRewriter, RewriteRules
 
 log = logging.getLogger("ipshift.tunnel")
 
 PUBLISH_INTERVAL = 0.5  # seconds between a worker's counter updates to the parent
+UPDATE_TIMEOUT = 2.0  # seconds an update waits for every queue to apply it
+PEER_NAME = "peer"  # the one peer of a --remote tunnel
 DEFAULT_UNDERLAY_MTU = 1500
+MTU_PROBES = 8  # peers whose path MTU is looked up at start
 TUN_GSO_MAX_SIZE = 0x10000  # a new TUN device's gso_max_size
 
 
@@ -62,11 +94,22 @@ class TunnelDaemon:
     """One tunnel. open() creates and configures everything, start() starts forwarding,
     close() undoes both; `with TunnelDaemon(config) as daemon:` does all three."""
 
-    def __init__(self, config: TunnelConfig) -> None:
+    def __init__(self, config: TunnelConfig, hooks: Hooks | None = None) -> None:
+        """hooks: a component's own hooks (they see the peer; see ipshift.tunnel.hooks),
+        composed with the rewrite rules: outbound the component's hook runs first, inbound
+        last, so it sees packets as this host does."""
         self.config = config
-        self.rewriter = AddressRewriter(config.rewrite_src, config.rewrite_dst)
+        self.component_hooks = hooks
+        self.rewrites = RewriteRules(config.rewrite_src, config.rewrite_dst)
+        self.rewriter = AddressRewriter.of(self.rewrites)
+        self.table = initial_table(config)
+        self.peer_counters = PeerCounterArray(DEFAULT_PEER_SLOTS, config.queues)
         self.device: tun.TunDevice | None = None
-        self.sockets: list[socket.socket] = []
+        self.sockets: list[socket.socket] = []  # per queue, one per local endpoint
+        self._raw_links: list[Any] = []
+        self._pump: QueuePump | None = None
+        self._channels: list[_WorkerChannel] = []
+        self._update_lock = threading.Lock()
         self.mtu = 0
         self.chunk: int | None = None  # batch framing's chunk size (the MTU); None: per packet
         self.gso_max_size = TUN_GSO_MAX_SIZE  # the largest TSO super-packet the device builds
@@ -115,28 +158,38 @@ class TunnelDaemon:
         except (NetError, OSError, ValueError) as exc:
             raise TunnelError(f"cannot configure {config.dev}: {exc}") from exc
         for index in range(config.queues):
-            local = config.local.socket_address(index)
-            remote = config.remote.socket_address(index)
-            try:
-                self.sockets.append(udp.open_udp(local, remote, netns_name=config.netns))
-            except OSError as exc:
-                raise TunnelError(
-                    f"cannot use UDP {local[0]} port {local[1]}: {exc.strerror} (is the address "
-                    f"on this host and the port free?)"
-                ) from exc
+            for endpoint in config.locals():
+                local = endpoint.socket_address(index)
+                # A point-to-point tunnel keeps its socket connected: the kernel filters
+                # senders and reports ICMP errors; peers from a table share unconnected ones.
+                remote = (config.remote.socket_address(index)
+                          if config.remote is not None and
+                          config.remote.family == endpoint.family else None)
+                try:
+                    self.sockets.append(udp.open_udp(local, remote, netns_name=config.netns))
+                except OSError as exc:
+                    raise TunnelError(
+                        f"cannot use UDP {local[0]} port {local[1]}: {exc.strerror} (is the "
+                        "address on this host and the port free?)"
+                    ) from exc
+        if config.remote is None:
+            self._open_raw_links()
 
     def _configure_link(self) -> None:
         config = self.config
         assert self.device is not None
         with Netlink(config.netns) as nl:
-            underlay = DEFAULT_UNDERLAY_MTU
-            try:
-                path = nl.lookup(str(config.remote.host))
-                if path.dev:
-                    underlay = nl.link(path.dev).mtu or DEFAULT_UNDERLAY_MTU
-            except NetError as exc:
-                log.warning("no route to %s yet (%s); assuming an MTU of %d on the way",
-                            config.remote.host, exc, DEFAULT_UNDERLAY_MTU)
+            underlays = []
+            # The smallest MTU toward the first peers (a large table is not walked here).
+            for remote, _what in config.remotes()[:MTU_PROBES]:
+                try:
+                    path = nl.lookup(str(remote.host))
+                    if path.dev:
+                        underlays.append(nl.link(path.dev).mtu or DEFAULT_UNDERLAY_MTU)
+                except NetError as exc:
+                    log.warning("no route to %s yet (%s); assuming an MTU of %d on the way",
+                                remote.host, exc, DEFAULT_UNDERLAY_MTU)
+            underlay = min(underlays, default=DEFAULT_UNDERLAY_MTU)
             self.mtu = config.mtu_for(underlay)
             if config.framing == "batch":
                 if self.mtu >= batch.MIN_CHUNK:
@@ -163,8 +216,8 @@ class TunnelDaemon:
         sends and the far end joins the two GRO batches again."""
         wanted = TUN_GSO_MAX_SIZE
         if self.chunk and not forwarding:
-            family = socket.AF_INET6 if self.config.remote.host.version == 6 else socket.AF_INET
-            wanted = batch.BatchEncoder.one_send_limit(self.chunk, udp.max_batch(family))
+            family = self.config.local.family
+            wanted = batch.BatchEncoder.one_send_limit(self.chunk, self._per_send(family))
         if wanted == self.gso_max_size:
             return False
         nl.set_link(self.config.dev, gso_max_size=wanted)
@@ -189,6 +242,27 @@ class TunnelDaemon:
                      "on" if forwarding else "off", self.config.dev, self.gso_max_size)
         return changed
 
+    def _per_send(self, family: socket.AddressFamily) -> int:
+        overhead = auth.OVERHEAD * udp.MAX_SEGMENTS if self.config.authenticated else 0
+        return udp.max_batch(family) - overhead
+
+    def _open_raw_links(self) -> None:
+        """Raw sockets for IP-in-IP and GRE peers, one set per queue (a table may gain such
+        peers while running)."""
+        from ipshift.tunnel.raw import RawLink
+
+        addresses = [endpoint.host for endpoint in self.config.locals()]
+        for _index in range(self.config.queues):
+            try:
+                self._raw_links.append(RawLink(addresses, netns_name=self.config.netns))
+            except OSError as exc:
+                raise TunnelError(f"cannot open raw sockets for IP-in-IP and GRE peers: "
+                                  f"{exc.strerror}") from exc
+
+    def _queue_sockets(self, index: int) -> list[socket.socket]:
+        per_queue = len(self.config.locals())
+        return self.sockets[index * per_queue:(index + 1) * per_queue]
+
     def start(self) -> None:
         """Start forwarding: a thread for one queue, worker processes for several."""
         assert self.device is not None and self.sockets
@@ -197,9 +271,8 @@ class TunnelDaemon:
         if self.config.queues == 1:
             counters = Counters()
             self._local_counters = [counters]
-            pump = QueuePump(self.device.fd, self.sockets[0], hooks=self._hooks(counters),
-                             counters=counters, chunk=self.chunk)
-            self._forwarder = Forwarder([pump])
+            self._pump = self._pump_for(0, counters)
+            self._forwarder = Forwarder([self._pump])
             self._forwarder.start(f"tunnel-{self.config.dev}")
             return
         size = Counters.size()
@@ -208,18 +281,148 @@ class TunnelDaemon:
         )
         context = multiprocessing.get_context("fork")
         for index in range(self.config.queues):
+            channel = _WorkerChannel()
             worker = context.Process(
                 target=_worker_main,
-                args=(self.device.fds[index], self.sockets[index], self.rewriter, self._shared,
-                      index, self.chunk, os.getpid()),
+                args=(self, index, channel, os.getpid()),
                 name=f"tunnel-{self.config.dev}-q{index}",
                 daemon=True,
             )
             worker.start()
+            channel.parent_side()
+            self._channels.append(channel)
             self._workers.append(worker)
 
+    def _pump_for(self, index: int, counters: Counters) -> QueuePump:
+        return QueuePump(
+            self.device.fds[index] if self.device is not None else -1,
+            self._queue_sockets(index), hooks=self._hooks(counters), counters=counters,
+            chunk=self.chunk, table=self.table, queue=index,
+            raw=self._raw_links[index] if self._raw_links else None,
+            peer_counters=self.peer_counters, authenticated=self.config.authenticated)
+
     def _hooks(self, counters: Counters) -> Hooks | None:
-        return self.rewriter.hooks(counters) if self.rewriter else None
+        rewrite = self.rewriter.hooks(counters) if self.rewriter else None
+        component = self.component_hooks
+        if component is None:
+            return rewrite
+        if rewrite is None:
+            return component
+        return Hooks(outbound=compose(component.outbound, rewrite.outbound),
+                     inbound=compose(rewrite.inbound, component.inbound),
+                     control=component.control, on_state=component.on_state,
+                     resizes=component.resizes)
+
+    # --- changes while running ----------------------------------------------------------------
+    def update_peers(self, upserts: Iterable[Peer] = (), removals: Iterable[str] = ()) -> int:
+        """Add or replace (by name) and remove peers while forwarding; returns the new table
+        generation, in force in every queue when this returns. ConfigError (nothing changed)
+        for a conflicting update."""
+        with self._update_lock:
+            upserts = list(upserts)
+            self._check_peers(upserts)
+            table = self.table.with_peers(upserts, removals)
+            self._push_table(table)
+            return table.generation
+
+    def replace_peers(self, peers: Iterable[Peer]) -> int:
+        """Make the table exactly `peers` (unchanged ones keep their state)."""
+        peers = list(peers)
+        names = {peer.name for peer in peers}
+        current = self.table.peers
+        upserts = [peer for peer in peers if current.get(peer.name) != peer]
+        removals = [name for name in current if name not in names]
+        return self.update_peers(upserts, removals)
+
+    def set_local_destinations(self, prefixes: Iterable[IPNetwork] | None) -> int:
+        """Which inner destinations this end accepts from the tunnel (None: any)."""
+        with self._update_lock:
+            table = self.table.with_local_destinations(
+                None if prefixes is None else tuple(prefixes))
+            self._push_table(table)
+            return table.generation
+
+    def _check_peers(self, peers: Iterable[Peer]) -> None:
+        if self.config.remote is not None:
+            raise ConfigError("this tunnel has one --remote peer; start it with --peers FILE "
+                              "to change peers while it runs")
+        families = {endpoint.family for endpoint in self.config.locals()}
+        for peer in peers:
+            family = socket.AF_INET6 if peer.endpoint.host.version == 6 else socket.AF_INET
+            if family not in families:
+                raise ConfigError(f"peer {peer.name!r}: this tunnel has no local IPv"
+                                  f"{peer.endpoint.host.version} endpoint (--local)")
+            if peer.key is not None and not self.config.authenticated:
+                log.warning("peer %s has a key but the tunnel MTU leaves no room for the "
+                            "authentication overhead (start with a keyed peer in the file); "
+                            "its large packets will be fragmented", peer.name)
+
+    def _push_table(self, table: PeerTable) -> None:
+        old = self.table
+        self.table = table
+        if self._pump is not None and self._forwarder is not None:
+            pump = self._pump
+            self._run_on_forwarder(lambda: pump.set_table(table))
+        elif self._channels:
+            try:
+                message = encode_delta(table.delta_since(old))
+            except Exception:
+                message = encode_table(table)
+            self._broadcast(_KIND_TABLE, message, table)
+
+    def set_rewrites(self, rules: RewriteRules) -> None:
+        """Replace the rewrite rules (addresses and /64 prefixes) while forwarding."""
+        with self._update_lock:
+            self.rewrites = rules
+            self.rewriter = AddressRewriter.of(rules)
+            if self._pump is not None and self._forwarder is not None:
+                pump = self._pump
+                hooks = self._hooks(pump.counters)
+                self._run_on_forwarder(lambda: setattr(pump, "hooks", hooks))
+            elif self._channels:
+                self._broadcast(_KIND_REWRITE, json.dumps(rules.as_dict()).encode(), None)
+
+    def update_hook_state(self, state: Mapping[str, Any]) -> None:
+        """Hand `state` (JSON-like) to the component hooks' on_state in every queue."""
+        hooks = self.component_hooks
+        if hooks is None or hooks.on_state is None:
+            raise ConfigError("the tunnel's hooks take no state")
+        on_state = hooks.on_state
+        with self._update_lock:
+            if self._forwarder is not None:
+                self._run_on_forwarder(lambda: on_state(state))
+            elif self._channels:
+                self._broadcast(_KIND_HOOK_STATE, json.dumps(state).encode(), None)
+
+    def _run_on_forwarder(self, call: Callable[[], None]) -> None:
+        assert self._forwarder is not None
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                call()
+            finally:
+                done.set()
+
+        self._forwarder.call_soon(run)
+        if not done.wait(UPDATE_TIMEOUT):
+            log.warning("the forwarding thread did not take a change within %.0f s",
+                        UPDATE_TIMEOUT)
+
+    def _broadcast(self, kind: int, payload: bytes, table: PeerTable | None) -> None:
+        snapshot = encode_table(table) if table is not None else b""
+        for channel in self._channels:
+            channel.send(kind, payload)
+        deadline = time.monotonic() + UPDATE_TIMEOUT
+        for channel in self._channels:
+            answer = channel.wait_ack(deadline)
+            if answer == _ACK_RESYNC and table is not None:
+                # The worker missed a generation: give it the whole table.
+                channel.send(_KIND_TABLE, snapshot)
+                answer = channel.wait_ack(deadline)
+            if answer is None:
+                log.warning("a queue worker did not take a change within %.0f s",
+                            UPDATE_TIMEOUT)
 
     def alive(self) -> bool:
         if self._forwarder is not None:
@@ -243,6 +446,10 @@ class TunnelDaemon:
                 worker.kill()
                 worker.join(1.0)
         self._workers = []
+        for channel in self._channels:
+            channel.close()
+        self._channels = []
+        self._pump = None
 
     def close(self) -> None:
         """Stop, close the sockets and the device (which removes it, its addresses, routes)."""
@@ -250,6 +457,9 @@ class TunnelDaemon:
         for sock in self.sockets:
             sock.close()
         self.sockets = []
+        for link in self._raw_links:
+            link.close()
+        self._raw_links = []
         if self.device is not None:
             self.device.close()
 
@@ -266,41 +476,193 @@ class TunnelDaemon:
 
     def status(self) -> dict[str, Any]:
         config = self.config
+        table = self.table
         return {
             "tunnel": {
                 "device": config.dev,
-                "local": str(config.local),
-                "remote": str(config.remote),
+                "local": [str(endpoint) for endpoint in config.locals()],
+                "remote": str(config.remote) if config.remote is not None else None,
+                "peers": len(table),
+                "generation": table.generation,
+                "serves": ("any" if table.local_destinations is None
+                           else [str(p) for p in table.local_destinations]),
                 "mtu": self.mtu,
                 "framing": config.framing if self.chunk else "packet",
                 "gso_max_size": self.gso_max_size,
                 "queues": config.queues,
-                "rewrites": [f"src {m}" for m in config.rewrite_src]
-                + [f"dst {m}" for m in config.rewrite_dst],
+                "rewrites": [f"src {m}" for m in self.rewrites.src]
+                + [f"dst {m}" for m in self.rewrites.dst]
+                + [f"src {m}" for m in self.rewrites.src_prefixes]
+                + [f"dst {m}" for m in self.rewrites.dst_prefixes],
                 "uptime_s": round(time.monotonic() - self._started, 1),
                 "running": self.alive(),
             },
             "counters": self.counters().as_dict(),
         }
 
+    def peer_counters_of(self, name: str) -> dict[str, int]:
+        """The counters of peer `name`, summed over the queues."""
+        slot = self.table.slots.get(name)
+        if slot is None:
+            raise ConfigError(f"no peer named {name!r}")
+        return self.peer_counters.read(slot)
 
-def _worker_main(
-    tun_fd: int, sock: socket.socket, rewriter: AddressRewriter, shared: Any, index: int,
-    chunk: int | None, parent: int,
-) -> None:
+    def peers_status(self) -> dict[str, Any]:
+        """Every peer with its counters (`ipshift tunnel peers`)."""
+        counters = self.counters()
+        return {
+            "generation": self.table.generation,
+            "peers": [dict(peer.as_dict(), counters=self.peer_counters_of(peer.name))
+                      for peer in self.table],
+            "drops": {"no_peer": counters.no_peer, "unknown_endpoint": counters.foreign,
+                      "foreign_source": counters.foreign_source,
+                      "foreign_destination": counters.foreign_destination,
+                      "malformed": counters.malformed, "auth_refused": counters.auth_refused,
+                      "reports_refused": counters.reports_refused},
+        }
+
+
+def initial_table(config: TunnelConfig) -> PeerTable:
+    """The peer table a tunnel starts with. A --remote tunnel has one peer, which owns the
+    --route prefixes and the subnets of the --address entries (and may send from those, and
+    from what --rewrite-dst maps back); inbound packets must be addressed to the device's
+    addresses, the --serve prefixes or what --rewrite-src maps back (with `serve` None: to
+    anything)."""
+    serve: tuple[IPNetwork, ...] | None = None
+    if config.serve is not None:
+        own = tuple(ipaddress.ip_network(a.ip) for a in config.addresses)
+        mapped = tuple(ipaddress.ip_network(m.old) for m in config.rewrite_src)
+        serve = tuple(dict.fromkeys(own + mapped + tuple(config.serve)))
+    if config.remote is None:
+        return PeerTable(config.peers, local_destinations=serve)
+    prefixes = tuple(dict.fromkeys(
+        tuple(config.routes) + tuple(a.network for a in config.addresses)))
+    extra = tuple(ipaddress.ip_network(m.old) for m in config.rewrite_dst
+                  if not any(m.old in p for p in prefixes))
+    peer = Peer(PEER_NAME, config.remote, prefixes=prefixes, extra_sources=extra)
+    return PeerTable([peer], local_destinations=serve)
+
+
+# Messages from the daemon to a queue worker: length (4 bytes), kind (1 byte), payload. The
+# worker answers each with 1 byte: applied, or "send a snapshot".
+_FRAME = struct.Struct(">IB")
+_KIND_TABLE = 1  # encode_table / encode_delta bytes
+_KIND_REWRITE = 2  # RewriteRules.as_dict() as JSON
+_KIND_HOOK_STATE = 3  # JSON for Hooks.on_state
+_ACK_APPLIED = b"\x01"
+_ACK_RESYNC = b"\x02"
+_ACK_FAILED = b"\x03"
+MAX_MESSAGE = 64 << 20
+
+
+class _WorkerChannel:
+    """The pipes between the daemon and one queue worker."""
+
+    def __init__(self) -> None:
+        self.to_worker_r, self.to_worker_w = os.pipe2(os.O_CLOEXEC)
+        self.to_parent_r, self.to_parent_w = os.pipe2(os.O_CLOEXEC)
+
+    def parent_side(self) -> None:
+        """In the daemon after the fork: close the worker's ends."""
+        for fd in (self.to_worker_r, self.to_parent_w):
+            os.close(fd)
+        self.to_worker_r = self.to_parent_w = -1
+
+    def send(self, kind: int, payload: bytes) -> None:
+        data = memoryview(_FRAME.pack(len(payload), kind) + payload)
+        while data:
+            data = data[os.write(self.to_worker_w, data):]
+
+    def wait_ack(self, deadline: float) -> bytes | None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([self.to_parent_r], [], [], remaining)[0]:
+            return None
+        answer = os.read(self.to_parent_r, 1)
+        return answer or None
+
+    def close(self) -> None:
+        for fd in (self.to_worker_r, self.to_worker_w, self.to_parent_r, self.to_parent_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.to_worker_r = self.to_worker_w = self.to_parent_r = self.to_parent_w = -1
+
+
+class _WorkerInbox:
+    """The worker's end of its channel: reads frames as they come and applies them to its
+    pump between two reads (it runs on the forwarding thread, as a Forwarder reader)."""
+
+    def __init__(self, channel: _WorkerChannel, pump: QueuePump, daemon: TunnelDaemon,
+                 counters: Counters) -> None:
+        self.fd = channel.to_worker_r
+        self.reply = channel.to_parent_w
+        self.pump = pump
+        self.daemon = daemon
+        self.counters = counters
+        self.buffer = bytearray()
+        os.set_blocking(self.fd, False)
+
+    def readable(self) -> None:
+        try:
+            data = os.read(self.fd, 1 << 20)
+        except BlockingIOError:
+            return
+        if not data:
+            return  # the daemon is gone; PR_SET_PDEATHSIG ends us
+        self.buffer += data
+        while len(self.buffer) >= _FRAME.size:
+            length, kind = _FRAME.unpack_from(self.buffer)
+            if length > MAX_MESSAGE or len(self.buffer) < _FRAME.size + length:
+                break
+            payload = bytes(self.buffer[_FRAME.size:_FRAME.size + length])
+            del self.buffer[:_FRAME.size + length]
+            os.write(self.reply, self._apply(kind, payload))
+
+    def _apply(self, kind: int, payload: bytes) -> bytes:
+        pump = self.pump
+        try:
+            if kind == _KIND_TABLE:
+                message = decode_message(payload)
+                table = message if isinstance(message, PeerTable) else pump.table.apply(message)
+                pump.set_table(table)
+            elif kind == _KIND_REWRITE:
+                rules = RewriteRules.from_dict(json.loads(payload))
+                self.daemon.rewrites = rules
+                self.daemon.rewriter = AddressRewriter.of(rules)
+                pump.hooks = self.daemon._hooks(self.counters)
+            elif kind == _KIND_HOOK_STATE:
+                hooks = self.daemon.component_hooks
+                if hooks is not None and hooks.on_state is not None:
+                    hooks.on_state(json.loads(payload))
+        except GenerationError:
+            return _ACK_RESYNC
+        except (PeerCodecError, ConfigError, ValueError) as exc:
+            log.error("queue worker refused a change: %s", exc)
+            return _ACK_FAILED
+        return _ACK_APPLIED
+
+
+def _worker_main(daemon: TunnelDaemon, index: int, channel: _WorkerChannel,
+                 parent: int) -> None:
     """A queue's worker process: forward until SIGTERM (also sent when the daemon dies, even
     by kill -9: the worker holds a queue of the device, which would outlive it), publishing
-    counters."""
+    counters and taking changes from its channel."""
     _die_with_parent(parent)
     signal.set_wakeup_fd(-1)  # the parent's asyncio wake-up fd is not ours
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    os.close(channel.to_worker_w)
+    os.close(channel.to_parent_r)
     counters = Counters()
-    pump = QueuePump(tun_fd, sock, hooks=rewriter.hooks(counters) if rewriter else None,
-                     counters=counters, chunk=chunk)
+    pump = daemon._pump_for(index, counters)
     forwarder = Forwarder([pump])
+    inbox = _WorkerInbox(channel, pump, daemon, counters)
+    forwarder.add_reader(inbox.fd, inbox.readable)
     signal.signal(signal.SIGTERM, lambda signum, frame: forwarder.stop())
+    shared = daemon._shared
     size = Counters.size()
     done = threading.Event()
 
@@ -358,8 +720,60 @@ class TunnelService:
         self.daemon = daemon
         rt.every(1.0, self._check, "following IP forwarding")
         config = self.config
-        log.info("tunnel %s up: %s <-> %s, MTU %d, %d queue(s)", config.dev, config.local,
-                 config.remote, daemon.mtu, config.queues)
+        far = str(config.remote) if config.remote is not None else f"{len(daemon.table)} peers"
+        log.info("tunnel %s up: %s <-> %s, MTU %d, %d queue(s)", config.dev,
+                 " ".join(str(e) for e in config.locals()), far, daemon.mtu, config.queues)
+        for name, handler in (("peers", self._peers), ("peer-set", self._peer_set),
+                              ("peer-remove", self._peer_remove),
+                              ("peers-replace", self._peers_replace),
+                              ("rewrites", self._rewrites)):
+            rt.method(name, _refusing(handler))
+
+    # --- control methods ----------------------------------------------------------------------
+    def _live(self) -> TunnelDaemon:
+        if self.daemon is None:
+            raise ConfigError("the tunnel is not running")
+        return self.daemon
+
+    def _peers(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        return self._live().peers_status()
+
+    def _peer_set(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        daemon = self._live()
+        peer = _peer_from(params.get("peer"), params.get("key_file"))
+        added = peer.name not in daemon.table
+        generation = daemon.update_peers([peer])
+        log.info("peer %s %s (generation %d)", peer.name, "added" if added else "updated",
+                 generation)
+        return {"generation": generation, "added": added}
+
+    def _peer_remove(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        name = params.get("name")
+        if not isinstance(name, str):
+            raise ConfigError("peer-remove needs the peer's name")
+        generation = self._live().update_peers(removals=[name])
+        log.info("peer %s removed (generation %d)", name, generation)
+        return {"generation": generation}
+
+    def _peers_replace(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        entries = params.get("peers")
+        key_files = params.get("key_files") or {}
+        if not isinstance(entries, list) or not isinstance(key_files, dict):
+            raise ConfigError("peers-replace needs a list of peers (and a map of key files)")
+        peers = [_peer_from(entry, key_files.get(entry.get("name"))
+                            if isinstance(entry, dict) else None) for entry in entries]
+        generation = self._live().replace_peers(peers)
+        log.info("peers replaced: %d peers (generation %d)", len(peers), generation)
+        return {"generation": generation}
+
+    def _rewrites(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        daemon = self._live()
+        if params.get("rules") is not None:
+            rules = params["rules"]
+            if not isinstance(rules, dict):
+                raise ConfigError("rewrites: rules must be an object of lists")
+            daemon.set_rewrites(RewriteRules.from_dict(rules))
+        return {"rules": daemon.rewrites.as_dict()}
 
     def _check(self) -> None:
         assert self.daemon is not None and self._rt is not None
@@ -390,6 +804,27 @@ class TunnelService:
         return [counter(f"ipshift_tunnel_{name}", value, f"tunnel {name.replace('_', ' ')}",
                         dev=dev)
                 for name, value in self.daemon.counters().as_dict().items()]
+
+
+def _refusing(handler: Callable[[Mapping[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+    """A control method whose ConfigError is the client's one-line answer, not a failure."""
+    def method(params: dict[str, Any]) -> Any:
+        try:
+            return handler(params)
+        except ConfigError as exc:
+            raise CtlError("refused", str(exc)) from exc
+
+    return method
+
+
+def _peer_from(entry: object, key_file: object) -> Peer:
+    """A peer from a control request: its description and, optionally, its key file."""
+    if not isinstance(entry, dict):
+        raise ConfigError("a peer is an object with name, endpoint, encapsulation, ...")
+    if key_file is not None and not isinstance(key_file, str):
+        raise ConfigError("key_file must be a path")
+    key = auth.read_key_file(key_file) if key_file else None
+    return Peer.from_dict(entry, key=key)
 
 
 def run_daemon(config: TunnelConfig, *, socket_path: Path | None,

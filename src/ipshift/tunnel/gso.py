@@ -291,15 +291,41 @@ def vnet_for(tunnel_flags: int, csum_start: int, csum_offset: int) -> bytes:
     return vnet.PLAIN
 
 
+def hooked_write(
+    hook: PacketHook, buf: bytearray, start: int, partial: bool, vnet_header: bytes,
+    piece: Buffer, writes: list[IoVec],
+) -> None:
+    """Run `hook` on the single packet buf[start:] that would be written as [vnet_header,
+    piece], and append what it decided: the write, nothing (dropped), or the replacement with
+    its vnet header's checksum start moved by the length difference (a hook changes bytes
+    before the L4 header only)."""
+    result = hook(buf, start, partial)
+    if result is True:
+        writes.append([vnet_header, piece])
+    elif result:
+        writes.append([resized_vnet(vnet_header, len(result) - len(piece)), result])
+
+
+def resized_vnet(vnet_header: bytes, delta: int) -> bytes:
+    """`vnet_header` for its packet grown by `delta` bytes before the L4 header."""
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = vnet.HEADER.unpack(vnet_header)
+    if not delta or not flags & vnet.F_NEEDS_CSUM:
+        return vnet_header
+    return vnet.HEADER.pack(flags, gso_type, hdr_len + delta if hdr_len else 0, gso_size,
+                            csum_start + delta, csum_offset)
+
+
 _VNET_VERIFIED = vnet.HEADER.pack(vnet.F_DATA_VALID, vnet.GSO_NONE, 0, 0, 0, 0)
 _VNET_TCP4 = vnet.HEADER.pack(vnet.F_NEEDS_CSUM, vnet.GSO_NONE, 0, 0, 20, 16)
 _VNET_TCP6 = vnet.HEADER.pack(vnet.F_NEEDS_CSUM, vnet.GSO_NONE, 0, 0, 40, 16)
 
 #: Called as hook(buffer, offset, partial) for a packet at buffer[offset:] (its IP length
 #: fields tell where it ends) before it goes on; may rewrite it in place, keeping its length.
-#: partial: its L4 checksum is a NEEDS_CSUM partial sum. Returns False to drop the packet.
-#: The address-rewrite hook (ILNP locator rewriting) is one.
-PacketHook: TypeAlias = Callable[[bytearray, int, bool], bool]
+#: partial: its L4 checksum is a NEEDS_CSUM partial sum. Returns True to pass it on, False to
+#: drop it, or bytes that replace it (another length: ipshift.tunnel.hooks), which only the
+#: places that hold a whole single packet honour (`hooked_write`); elsewhere bytes drop it.
+#: The forwarder binds its per-peer hooks (ipshift.tunnel.hooks) to this shape.
+PacketHook: TypeAlias = Callable[[bytearray, int, bool], "bool | Buffer"]
 #: Called as handler(buffer, start, end) for a datagram of the other framing found in a batch;
 #: returns whether it was taken (False: malformed).
 OtherDatagram: TypeAlias = Callable[[bytearray, int, int], bool]
@@ -377,6 +403,9 @@ class Decapsulator:
         # Header and payload slices of each datagram slot, per buffer and (datagram size,
         # header size): a GRO batch of a known shape then needs no per-datagram slicing.
         self._slots: dict[tuple[int, int, int], _ReceiveLayout] = {}
+        # False: write every segment on its own (for hooks that change packet lengths, which
+        # a merged run could not take).
+        self.coalesce = True
 
     def switch(self) -> None:
         """Receive into the other buffer from now on (no run may be pending)."""
@@ -478,10 +507,14 @@ class Decapsulator:
                 if run is not None:
                     _flush(run, writes, hook)
                     run = None
-                if hook is None or hook(buf, start, bool(tunnel_flags & wire.FLAG_PARTIAL)):
+                if hook is None:
                     writes.append(
                         [vnet_for(tunnel_flags, csum_start, csum_offset), view[start:end]]
                     )
+                else:
+                    hooked_write(hook, buf, start, bool(tunnel_flags & wire.FLAG_PARTIAL),
+                                 vnet_for(tunnel_flags, csum_start, csum_offset),
+                                 view[start:end], writes)
                 continue
 
             seq = _U32.unpack_from(buf, tcp + 4)[0]
@@ -513,7 +546,7 @@ class Decapsulator:
                     continue
                 _flush(run, writes, hook)
             run = _Run(buf, view, start, end, version, tcp, payload_at, seq, tcp_flags)
-            if tcp_flags & TCP_PSH:
+            if tcp_flags & TCP_PSH or not self.coalesce:
                 _flush(run, writes, hook)
                 run = None
             elif segment and end == segment:
@@ -610,11 +643,16 @@ def _flush(run: _Run, writes: list[IoVec], hook: PacketHook | None) -> None:
     l3 = 20 if run.version == 4 else 40
     # The hook sees the run's first segment, a complete packet; the merged header is derived
     # from it, so a rewrite carries over to all segments.
-    if hook is not None and not hook(buf, start, True):
-        return
     if run.count == 1:
-        writes.append([_VNET_TCP4 if l3 == 20 else _VNET_TCP6, run.view[start:run.first_end]])
+        vnet_header = _VNET_TCP4 if l3 == 20 else _VNET_TCP6
+        if hook is None:
+            writes.append([vnet_header, run.view[start:run.first_end]])
+        else:
+            hooked_write(hook, buf, start, True, vnet_header, run.view[start:run.first_end],
+                         writes)
         return
+    if hook is not None and hook(buf, start, True) is not True:
+        return  # dropped, or a replacement, which a merged run cannot take
     header_len = run.header_len
     header = bytearray(buf[start:start + header_len])
     tcp_len = header_len - l3

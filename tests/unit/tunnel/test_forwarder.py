@@ -309,9 +309,14 @@ def test_loss_report_makes_the_sender_fall_back_for_a_while(
         assert to_kernel(b) == [(header, bytes(packet))]
         return a.pump.counters.datagrams_out - before
 
-    assert cross() == a.datagrams_for(packet, 1400)  # chunks
-    # b saw 10 of 100 streams arrive incomplete
+    for _ in range(3):
+        assert cross() == a.datagrams_for(packet, 1400)  # chunks
+    # A report about more streams than were sent is not believed (a forgery needs no key).
     b.sock.send(batch.REPORT.pack(batch.REPORT_BYTE, 0, 0, 90, 10))
+    drain_udp(a)
+    assert a.pump.counters.reports_refused == 1 and a.pump.counters.fallbacks == 0
+    # b saw 2 of the 3 streams arrive incomplete
+    b.sock.send(batch.REPORT.pack(batch.REPORT_BYTE, 0, 0, 1, 2))
     drain_udp(a)
     assert a.pump.counters.loss_reports_received == 1 and a.pump.counters.fallbacks == 1
     assert cross() == 30  # one packet per datagram
@@ -389,7 +394,7 @@ def test_a_loss_report_does_not_hold_back_an_open_run(batch_ends: tuple[End, End
     packet, start, offset = super_packet(4, 20 * 1400, flags="A")
     datagrams = segments_of(packet, start, offset, 1400, vnet.GSO_TCPV4)
     udp.send_segments(a.sock, [b"".join(datagrams)], len(datagrams[0]))
-    a.sock.send(batch.REPORT.pack(batch.REPORT_BYTE, 0, 0, 100, 0))
+    a.sock.send(batch.REPORT.pack(batch.REPORT_BYTE, 0, 0, 0, 0))
     time.sleep(0.05)
     # One call: the batch (its run stays open: no PSH, so the call receives on), the report.
     b.pump.pump_udp()
