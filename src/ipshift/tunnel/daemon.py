@@ -320,9 +320,16 @@ class TunnelDaemon:
         for a conflicting update."""
         with self._update_lock:
             upserts = list(upserts)
+            removals = list(removals)
             self._check_peers(upserts)
+            slots = [self.table.slots[name] for name in removals if name in self.table.slots]
             table = self.table.with_peers(upserts, removals)
             self._push_table(table)
+            # No queue counts for the removed peers any more: clear their rows for whoever
+            # gets the slot next.
+            for slot in slots:
+                for queue in range(self.config.queues):
+                    self.peer_counters.reset(queue, slot)
             return table.generation
 
     def replace_peers(self, peers: Iterable[Peer]) -> int:

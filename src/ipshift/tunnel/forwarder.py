@@ -754,7 +754,9 @@ class QueuePump:
                 data = iov[0] if len(iov) == 1 else b"".join(iov)
                 size, segment = state.auth.seal_batch(data, len(data), segment or cut,
                                                       self._sealed)
-                udp.send_segments(sock, (memoryview(self._sealed)[:size],), segment,
+                # Always with the segment size as a control message: the socket's own
+                # (batch framing's slot) would cut a sealed packet longer than a slot.
+                udp.send_segments(sock, (memoryview(self._sealed)[:size],), segment or size,
                                   state.address)
             elif cut:
                 if state.address is None:

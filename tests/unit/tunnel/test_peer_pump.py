@@ -394,3 +394,14 @@ def test_timing_free_sanity_of_the_star_fixture() -> None:
     sockets = [made.gateway.sock, *(node.sock for node in made.peers.values())]
     generator.close()
     assert all(s.fileno() == -1 for s in sockets)
+
+
+def test_a_keyed_full_size_packet_is_not_cut_by_the_batch_slot_size() -> None:
+    """A sealed packet is 28 bytes longer than a chunk slot allows for: it must leave as one
+    datagram all the same."""
+    for made in _star(1400, keys=True):
+        gw, p1 = made.gateway, made.peers["p1"]
+        packet = udp4("203.0.113.1", "198.51.100.5", payload=bytes(1400 - 28))
+        send_from_tun(gw, packet)
+        pump_until_quiet(p1)
+        assert written(p1) == [packet]
