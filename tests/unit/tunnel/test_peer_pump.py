@@ -405,3 +405,33 @@ def test_a_keyed_full_size_packet_is_not_cut_by_the_batch_slot_size() -> None:
         send_from_tun(gw, packet)
         pump_until_quiet(p1)
         assert written(p1) == [packet]
+
+
+def test_ipv4_and_ipv6_peers_side_by_side_on_one_pump() -> None:
+    four = udp.open_udp(("127.0.0.1", 0))
+    six = udp.open_udp(("::1", 0))
+    far4 = udp.open_udp(("127.0.0.2", 0))
+    far6 = udp.open_udp(("::1", 0))
+    kernel, queue = _fake_tun()
+    try:
+        table = PeerTable([
+            _peer("v4", "127.0.0.2", far4.getsockname()[1],
+                  prefixes=(ipaddress.ip_network("198.51.100.0/24"),)),
+            _peer("v6", "::1", far6.getsockname()[1],
+                  prefixes=(ipaddress.ip_network("2001:db8:6::/48"),)),
+        ])
+        node = Node(QueuePump(queue.fileno(), [four, six], table=table, chunk=1400), kernel, four)
+        send_from_tun(node, udp4("203.0.113.1", "198.51.100.1"))
+        send_from_tun(node, bytes(IPv6(src="2001:db8:ff::1", dst="2001:db8:6::1") / UDP()))
+        assert select.select([far4], [], [], 1)[0] and select.select([far6], [], [], 1)[0]
+        assert far4.recv(2000)[4:] == udp4("203.0.113.1", "198.51.100.1")
+        assert far6.recv(2000)[4] >> 4 == 6
+        # and inbound on the IPv6 socket, from the IPv6 peer
+        far6.sendto(wire.PLAIN_HEADER + bytes(IPv6(src="2001:db8:6::1", dst="2001:db8:ff::1")
+                                              / UDP()), six.getsockname())
+        assert select.select([six], [], [], 1)[0]
+        node.pump.pump_udp(six)
+        assert len(written(node)) == 1
+    finally:
+        for s in (four, six, far4, far6, kernel, queue):
+            s.close()
