@@ -443,12 +443,7 @@ class QueuePump:
         table = self.table
         peer = table.only or table.select(buf, at, at + size)
         if peer is None:
-            reason = table.drop_reason(buf, at, at + size)
-            self.drops.count(reason)
-            if reason is DropReason.MALFORMED:
-                self.counters.bad_tun_packets += 1
-            else:
-                self.counters.no_peer += 1
+            self._no_peer(at, size)
             return None
         state = self._states.get(peer.name)
         if state is None or state.peer is not peer:
@@ -916,7 +911,6 @@ class QueuePump:
                 counters.malformed += 1
                 state.words[state.base + _P_MALFORMED] += 1
                 return True
-            counters.super_packets_in += 1
             self._write_one(state, iov)
             return True
         if state.assembler.pending is not None:
@@ -1022,23 +1016,21 @@ class QueuePump:
             log.info("peer %s reports lost chunks: per-packet framing for %.0f s",
                      state.peer.name, batch.FALLBACK_SECONDS)
 
+    def _only_state(self) -> _PeerState:
+        peer = self.table.only
+        if peer is None:
+            raise AttributeError("a pump with several peers keeps this per peer")
+        return self._state(peer)
+
     @property
     def fallback(self) -> batch.Fallback:
         """The loss-feedback state of the one peer of a point-to-point pump."""
-        peer = self.table.only
-        if peer is None:
-            raise AttributeError("a pump with several peers has a fallback per peer")
-        return self._state(peer).fallback if peer.name not in self._states \
-            else self._states[peer.name].fallback
+        return self._only_state().fallback
 
     @property
     def assembler(self) -> batch.BatchAssembler:
         """The reassembly state of the one peer of a point-to-point pump."""
-        peer = self.table.only
-        if peer is None:
-            raise AttributeError("a pump with several peers has an assembler per peer")
-        return self._state(peer).assembler if peer.name not in self._states \
-            else self._states[peer.name].assembler
+        return self._only_state().assembler
 
     def waiting(self) -> bool:
         """Is an incomplete batch-framed super-packet waiting for the rest of its chunks?"""
@@ -1091,20 +1083,7 @@ class QueuePump:
     # --- TUN writes -----------------------------------------------------------------------------
     def _write_one(self, state: _PeerState, iov: gso.IoVec) -> None:
         """One TUN write, if the table lets the packet in (inbound checks)."""
-        table = self.table
-        counters = self.counters
-        if table.checks_inbound:
-            why = table.inbound_verdict(state.peer, iov[1])
-            if why is not None:
-                self._count_refused(state, why)
-                return
-        counters.tun_writes += 1
-        state.words[state.base + _P_WRITES] += 1
-        try:
-            os.writev(self.tun_fd, iov)
-        except OSError as exc:
-            counters.write_errors += 1
-            log.debug("TUN write failed: %s", exc)
+        self._write([iov], state)
 
     def _count_refused(self, state: _PeerState, why: DropReason) -> None:
         self.drops.count(why)
