@@ -299,7 +299,7 @@ class QueuePump:
         self._opened = bytearray(udp.MAX_RECEIVE + 1)  # authenticated batches, once opened
         self._writes: list[gso.IoVec] = []
         self._current: _PeerState | None = None  # the sender of the batches being received
-        self._current_key: tuple[str, int] | None = None
+        self._current_sender: udp.Address | None = None
         # A router's GRO may join datagrams of both framings into one batch.
         self._decapsulator.on_other = self._chunk_among_packets
         self._decapsulator.coalesce = not self._hooks.resizes
@@ -364,7 +364,7 @@ class QueuePump:
             if writes:
                 self._write(writes)
             self._current = None
-            self._current_key = None
+            self._current_sender = None
         state.assembler.materialize()
         del self._states[state.peer.name]
 
@@ -773,16 +773,36 @@ class QueuePump:
         sends), receive the next batch too, so it reaches TUN whole. An incomplete
         super-packet whose rest has not arrived yet waits for it up to batch.STALE_AFTER (see
         `expire`)."""
+        # The common cases (a whole super-packet, an ACK) are written out here: this runs
+        # once per batch received, and calls are a good part of its cost.
         sock = sock or self.sock
         decapsulator = self._decapsulator
         writes = self._writes
+        counters = self.counters
+        receive, dontwait = udp.receive_segments, socket.MSG_DONTWAIT
         try:
             while True:
-                self._make_room()
-                state, size, segment = self._receive(sock)
-                if state is None:
+                state = self._current
+                if state is not None and state.assembler.pending is not None:
+                    self._make_room(state)
+                try:
+                    size, segment, sender = receive(sock, decapsulator.buffer, dontwait)
+                except OSError as exc:
+                    self._receive_failed(exc)
                     return
-                if self._fast_write(state, size, segment):
+                counters.udp_receives += 1
+                counters.udp_receive_bytes += size
+                if sender != self._current_sender or state is None:
+                    state = self._switch_sender(sender)
+                    if state is None:
+                        return
+                state.words[state.base + _P_IN_BYTES] += size
+                if state.auth is not None:
+                    size, segment = self._open(state, size, segment)
+                    if not size:
+                        return
+                if state.hook_in is None and decapsulator.pending is None and \
+                        self._fast_write(state, size, segment):
                     return
                 if not self._take_batch(state, size, segment):
                     return
@@ -796,11 +816,8 @@ class QueuePump:
             if writes:
                 self._write(writes)
 
-    def _make_room(self) -> None:
+    def _make_room(self, state: _PeerState) -> None:
         """Keep the buffer an incomplete super-packet points into from being received into."""
-        state = self._current
-        if state is None:
-            return
         assembler = state.assembler
         decapsulator = self._decapsulator
         held = assembler.held()
@@ -810,65 +827,46 @@ class QueuePump:
             else:
                 assembler.materialize()
 
-    def _receive(self, sock: socket.socket) -> tuple[_PeerState | None, int, int]:
-        """recvmsg one batch into the decapsulator's buffer: (the sender's state, bytes,
-        segment size); (None, 0, 0) when the batch is done with (nothing more to receive, an
-        error, or a datagram from no peer, all counted). Raises BlockingIOError when nothing
-        was waiting and nothing is pending."""
-        counters = self.counters
-        decapsulator = self._decapsulator
-        try:
-            size, segment, sender = udp.receive_segments(
-                sock, decapsulator.buffer, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            if decapsulator.pending is None:
-                raise
-            self._flush_current()
-            return None, 0, 0
-        except ConnectionRefusedError:
+    def _receive_failed(self, exc: OSError) -> None:
+        """A receive that returned no datagram: deliver what is pending. Re-raises
+        BlockingIOError when nothing was (the caller's signal that the socket is drained)."""
+        if isinstance(exc, BlockingIOError):
+            if self._decapsulator.pending is None:
+                raise exc
+        elif isinstance(exc, ConnectionRefusedError):
             # A queued ICMP port unreachable for an earlier send: nothing received.
-            counters.send_errors += 1
-            self._flush_current()
-            return None, 0, 0
-        except OSError as exc:  # e.g. a queued ICMP error of another kind
-            counters.receive_errors += 1
+            self.counters.send_errors += 1
+        else:  # e.g. a queued ICMP error of another kind
+            self.counters.receive_errors += 1
             log.debug("tunnel receive failed: %s", exc)
-            self._flush_current()
-            return None, 0, 0
-        counters.udp_receives += 1
-        counters.udp_receive_bytes += size
-        key = (sender[0], sender[1] - self.queue)
-        state = self._current
-        if key != self._current_key:
-            state = self._switch_sender(key)
-            if state is None:
-                return None, 0, 0
-        assert state is not None
-        words, base = state.words, state.base
-        words[base + _P_IN_BYTES] += size
-        if state.auth is not None:
-            before = state.auth.refused[:]
-            size, segment = state.auth.open_batch(decapsulator.buffer, size, segment,
-                                                  self._opened)
-            refused = sum(state.auth.refused) - sum(before)
-            if refused:
-                counters.auth_refused += refused
-                words[base + _P_AUTH_REFUSED] += refused
-            if not size:
-                self._flush_current()
-                return None, 0, 0
-            decapsulator.buffer[:size] = memoryview(self._opened)[:size]
-        return state, size, segment
+        self._flush_current()
 
-    def _switch_sender(self, key: tuple[str, int]) -> _PeerState | None:
-        """Make the peer at `key` the current sender, after delivering what the previous one
+    def _open(self, state: _PeerState, size: int, segment: int) -> tuple[int, int]:
+        """Authenticate and decrypt a keyed peer's batch in place in the receive buffer;
+        (0, 0) when nothing of it was genuine (counted)."""
+        assert state.auth is not None
+        decapsulator = self._decapsulator
+        refused_before = sum(state.auth.refused)
+        size, segment = state.auth.open_batch(decapsulator.buffer, size, segment, self._opened)
+        refused = sum(state.auth.refused) - refused_before
+        if refused:
+            self.counters.auth_refused += refused
+            state.words[state.base + _P_AUTH_REFUSED] += refused
+        if not size:
+            self._flush_current()
+            return 0, 0
+        decapsulator.buffer[:size] = memoryview(self._opened)[:size]
+        return size, segment
+
+    def _switch_sender(self, sender: udp.Address) -> _PeerState | None:
+        """Make the peer at `sender` the current one, after delivering what the previous one
         left pending; None (counted) if no peer has that endpoint."""
         self._flush_current()
         if self._current is not None:
             self._current.assembler.materialize()
         self._current = None
-        self._current_key = None
-        peer = self.table.udp_endpoints.get(key)
+        self._current_sender = None
+        peer = self.table.udp_endpoints.get((sender[0], sender[1] - self.queue))
         if peer is None:
             self.counters.foreign += 1
             self.drops.count(DropReason.UNKNOWN_ENDPOINT)
@@ -881,7 +879,7 @@ class QueuePump:
                 self.counters.foreign += 1
                 return None
         self._current = state
-        self._current_key = key
+        self._current_sender = sender
         return state
 
     def _flush_current(self) -> None:
@@ -895,9 +893,6 @@ class QueuePump:
         """The two common cases, written straight from the receive buffer when no hook
         needs to see them: a GRO batch that is exactly one whole batch-framed super-packet,
         and a lone packet that cannot join a run (an ACK). True if it was one of them."""
-        if state.hook_in is not None or self._decapsulator.pending is not None:
-            return False
-        counters = self.counters
         buf = self._decapsulator.buffer
         if segment:
             iov = state.assembler.whole(buf, size, segment)
@@ -905,23 +900,35 @@ class QueuePump:
                 return False
             # A whole batch-framed super-packet: straight to TUN.
             datagrams = -(-size // segment)
-            counters.datagrams_in += datagrams
+            self.counters.datagrams_in += datagrams
             state.words[state.base + _P_IN] += datagrams
             if not iov:
-                counters.malformed += 1
+                self.counters.malformed += 1
                 state.words[state.base + _P_MALFORMED] += 1
                 return True
-            self._write_one(state, iov)
+        else:
+            if state.assembler.pending is not None:
+                return False
+            vnet_header = _lone_packet(buf, size)
+            if vnet_header is None:
+                return False
+            # The common lone packet (an ACK): straight to TUN.
+            self.counters.datagrams_in += 1
+            state.words[state.base + _P_IN] += 1
+            iov = [vnet_header, memoryview(buf)[4:size]]
+        if self.table.checks_inbound:
+            self._write([iov], state)
             return True
-        if state.assembler.pending is not None:
-            return False
-        vnet_header = _lone_packet(buf, size)
-        if vnet_header is None:
-            return False
-        # The common lone packet (an ACK): straight to TUN.
-        counters.datagrams_in += 1
-        state.words[state.base + _P_IN] += 1
-        self._write_one(state, [vnet_header, memoryview(buf)[4:size]])
+        counters = self.counters
+        counters.tun_writes += 1
+        state.words[state.base + _P_WRITES] += 1
+        if len(iov) > 2:
+            counters.super_packets_in += 1
+        try:
+            os.writev(self.tun_fd, iov)
+        except OSError as exc:
+            counters.write_errors += 1
+            log.debug("TUN write failed: %s", exc)
         return True
 
     def _take_batch(self, state: _PeerState, size: int, segment: int) -> bool:
@@ -1081,10 +1088,6 @@ class QueuePump:
                 self._write(writes, state)
 
     # --- TUN writes -----------------------------------------------------------------------------
-    def _write_one(self, state: _PeerState, iov: gso.IoVec) -> None:
-        """One TUN write, if the table lets the packet in (inbound checks)."""
-        self._write([iov], state)
-
     def _count_refused(self, state: _PeerState, why: DropReason) -> None:
         self.drops.count(why)
         counters = self.counters
