@@ -21,6 +21,7 @@ an update returns once every queue forwards with it.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -59,7 +60,7 @@ from ipshift.tunnel.forwarder import (
     PeerCounterArray,
     QueuePump,
 )
-from ipshift.tunnel.hooks import Hooks, compose
+from ipshift.tunnel.hooks import INBOUND, OUTBOUND, ControlSink, Hooks, compose
 from ipshift.tunnel.peers import (
     GenerationError,
     Peer,
@@ -292,18 +293,54 @@ class TunnelDaemon:
             channel.parent_side()
             self._channels.append(channel)
             self._workers.append(worker)
+        hooks = self.component_hooks
+        if hooks is not None and hooks.control is not None:
+            # Packets the workers' hooks hand to the control plane come up a pipe each.
+            threading.Thread(target=self._relay_control, args=(hooks.control,),
+                             name=f"tunnel-{self.config.dev}-control", daemon=True).start()
 
-    def _pump_for(self, index: int, counters: Counters) -> QueuePump:
+    def _relay_control(self, sink: ControlSink) -> None:
+        """Hand what the workers' hooks diverted to the component's sink (a thread)."""
+        readers = {channel.events_r: _EventReader() for channel in self._channels}
+        while readers:
+            try:
+                ready, _, _ = select.select(list(readers), [], [], 1.0)
+            except (OSError, ValueError):
+                return  # closed by stop()
+            for fd in ready:
+                try:
+                    data = os.read(fd, 1 << 20)
+                except OSError:
+                    data = b""
+                if not data:
+                    del readers[fd]
+                    continue
+                for name, direction, packet in readers[fd].feed(data):
+                    peer = self.table.get(name)
+                    if peer is not None:
+                        try:
+                            sink(peer, direction, packet)
+                        except Exception:
+                            log.exception("the control sink failed on a diverted packet")
+
+    def _pump_for(self, index: int, counters: Counters,
+                  control: ControlSink | None = None) -> QueuePump:
+        hooks = self._hooks(counters, control)
         return QueuePump(
             self.device.fds[index] if self.device is not None else -1,
-            self._queue_sockets(index), hooks=self._hooks(counters), counters=counters,
+            self._queue_sockets(index), hooks=hooks, counters=counters,
             chunk=self.chunk, table=self.table, queue=index,
             raw=self._raw_links[index] if self._raw_links else None,
             peer_counters=self.peer_counters, authenticated=self.config.authenticated)
 
-    def _hooks(self, counters: Counters) -> Hooks | None:
+    def _hooks(self, counters: Counters, control: ControlSink | None = None) -> Hooks | None:
+        """The hooks of one queue: the component's composed with the rewrite rules.
+        control: where diverted packets go instead of the component's sink (a worker's
+        pipe to the daemon)."""
         rewrite = self.rewriter.hooks(counters) if self.rewriter else None
         component = self.component_hooks
+        if component is not None and control is not None and component.control is not None:
+            component = dataclasses.replace(component, control=control)
         if component is None:
             return rewrite
         if rewrite is None:
@@ -556,6 +593,8 @@ _FRAME = struct.Struct(">IB")
 _KIND_TABLE = 1  # encode_table / encode_delta bytes
 _KIND_REWRITE = 2  # RewriteRules.as_dict() as JSON
 _KIND_HOOK_STATE = 3  # JSON for Hooks.on_state
+_KIND_DIVERTED = 4  # worker -> daemon: a packet a hook diverted (_EVENT, name, packet)
+_EVENT = struct.Struct(">BB")  # peer name length, inbound
 _ACK_APPLIED = b"\x01"
 _ACK_RESYNC = b"\x02"
 _ACK_FAILED = b"\x03"
@@ -568,12 +607,24 @@ class _WorkerChannel:
     def __init__(self) -> None:
         self.to_worker_r, self.to_worker_w = os.pipe2(os.O_CLOEXEC)
         self.to_parent_r, self.to_parent_w = os.pipe2(os.O_CLOEXEC)
+        # Packets diverted by the worker's hooks (non-blocking: a full pipe drops them).
+        self.events_r, self.events_w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self.events_w, False)
 
     def parent_side(self) -> None:
         """In the daemon after the fork: close the worker's ends."""
-        for fd in (self.to_worker_r, self.to_parent_w):
+        for fd in (self.to_worker_r, self.to_parent_w, self.events_w):
             os.close(fd)
-        self.to_worker_r = self.to_parent_w = -1
+        self.to_worker_r = self.to_parent_w = self.events_w = -1
+
+    def diverted(self, peer: Peer, direction: str, packet: bytes) -> None:
+        """In the worker: pass a packet a hook diverted up to the daemon (best effort)."""
+        name = peer.name.encode()
+        body = _EVENT.pack(len(name), direction == INBOUND) + name + packet
+        try:
+            os.write(self.events_w, _FRAME.pack(len(body), _KIND_DIVERTED) + body)
+        except (BlockingIOError, OSError):
+            log.debug("control pipe full: a diverted packet of %s dropped", peer.name)
 
     def send(self, kind: int, payload: bytes) -> None:
         data = memoryview(_FRAME.pack(len(payload), kind) + payload)
@@ -588,13 +639,36 @@ class _WorkerChannel:
         return answer or None
 
     def close(self) -> None:
-        for fd in (self.to_worker_r, self.to_worker_w, self.to_parent_r, self.to_parent_w):
+        for fd in (self.to_worker_r, self.to_worker_w, self.to_parent_r, self.to_parent_w,
+                   self.events_r, self.events_w):
             if fd >= 0:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
         self.to_worker_r = self.to_worker_w = self.to_parent_r = self.to_parent_w = -1
+        self.events_r = self.events_w = -1
+
+
+class _EventReader:
+    """Frames of diverted packets from one worker, as they arrive."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[str, str, bytes]]:
+        self.buffer += data
+        out = []
+        while len(self.buffer) >= _FRAME.size:
+            length, _kind = _FRAME.unpack_from(self.buffer)
+            if len(self.buffer) < _FRAME.size + length:
+                break
+            body = bytes(self.buffer[_FRAME.size:_FRAME.size + length])
+            del self.buffer[:_FRAME.size + length]
+            size, inbound = _EVENT.unpack_from(body)
+            name = body[_EVENT.size:_EVENT.size + size].decode(errors="replace")
+            out.append((name, INBOUND if inbound else OUTBOUND, body[_EVENT.size + size:]))
+        return out
 
 
 class _WorkerInbox:
@@ -605,6 +679,7 @@ class _WorkerInbox:
                  counters: Counters) -> None:
         self.fd = channel.to_worker_r
         self.reply = channel.to_parent_w
+        self.control = channel.diverted
         self.pump = pump
         self.daemon = daemon
         self.counters = counters
@@ -638,7 +713,7 @@ class _WorkerInbox:
                 rules = RewriteRules.from_dict(json.loads(payload))
                 self.daemon.rewrites = rules
                 self.daemon.rewriter = AddressRewriter.of(rules)
-                pump.hooks = self.daemon._hooks(self.counters)
+                pump.hooks = self.daemon._hooks(self.counters, self.control)
             elif kind == _KIND_HOOK_STATE:
                 hooks = self.daemon.component_hooks
                 if hooks is not None and hooks.on_state is not None:
@@ -663,8 +738,9 @@ def _worker_main(daemon: TunnelDaemon, index: int, channel: _WorkerChannel,
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     os.close(channel.to_worker_w)
     os.close(channel.to_parent_r)
+    os.close(channel.events_r)
     counters = Counters()
-    pump = daemon._pump_for(index, counters)
+    pump = daemon._pump_for(index, counters, control=channel.diverted)
     forwarder = Forwarder([pump])
     inbox = _WorkerInbox(channel, pump, daemon, counters)
     forwarder.add_reader(inbox.fd, inbox.readable)
