@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import ipaddress
+import itertools
 import json
 import logging
 import multiprocessing
@@ -46,6 +47,7 @@ from ipshift.daemon import (
     Runtime,
     StartError,
     counter,
+    gauge,
     run_service,
 )
 from ipshift.net import sysctl, tun, udp
@@ -77,6 +79,7 @@ log = logging.getLogger("ipshift.tunnel")
 PUBLISH_INTERVAL = 0.5  # seconds between a worker's counter updates to the parent
 UPDATE_TIMEOUT = 2.0  # seconds an update waits for every queue to apply it
 PEER_NAME = "peer"  # the one peer of a --remote tunnel
+METRIC_PEERS = 256  # peers whose counters are exported as metrics
 DEFAULT_UNDERLAY_MTU = 1500
 MTU_PROBES = 8  # peers whose path MTU is looked up at start
 TUN_GSO_MAX_SIZE = 0x10000  # a new TUN device's gso_max_size
@@ -884,9 +887,22 @@ class TunnelService:
         if self.daemon is None:
             return []
         dev = self.config.dev
-        return [counter(f"ipshift_tunnel_{name}", value, f"tunnel {name.replace('_', ' ')}",
-                        dev=dev)
-                for name, value in self.daemon.counters().as_dict().items()]
+        metrics = [counter(f"ipshift_tunnel_{name}", value,
+                           f"tunnel {name.replace('_', ' ')}", dev=dev)
+                   for name, value in self.daemon.counters().as_dict().items()
+                   if name != "table_generation"]
+        table = self.daemon.table
+        metrics.append(gauge("ipshift_tunnel_peers", len(table), "peers in the table", dev=dev))
+        metrics.append(gauge("ipshift_tunnel_table_generation", table.generation,
+                             "peer table generation", dev=dev))
+        # Per peer, for the first peers only: a scrape of 10,000 peers x 16 series would
+        # cost more than it tells (`ipshift tunnel peers` has them all).
+        for peer in itertools.islice(table, METRIC_PEERS):
+            for name, value in self.daemon.peer_counters_of(peer.name).items():
+                metrics.append(counter(f"ipshift_tunnel_peer_{name}", value,
+                                       f"tunnel peer {name.replace('_', ' ')}", dev=dev,
+                                       peer=peer.name))
+        return metrics
 
 
 def _refusing(handler: Callable[[Mapping[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
