@@ -72,6 +72,7 @@ from ipshift.tunnel.peers import (
     encode_delta,
     encode_table,
 )
+from ipshift.tunnel.raw import RawLink
 from ipshift.tunnel.rewrite import AddressRewriter, RewriteRules
 
 log = logging.getLogger("ipshift.tunnel")
@@ -110,7 +111,7 @@ class TunnelDaemon:
         self.peer_counters = PeerCounterArray(DEFAULT_PEER_SLOTS, config.queues)
         self.device: tun.TunDevice | None = None
         self.sockets: list[socket.socket] = []  # per queue, one per local endpoint
-        self._raw_links: list[Any] = []
+        self._raw_links: list[RawLink] = []
         self._pump: QueuePump | None = None
         self._channels: list[_WorkerChannel] = []
         self._update_lock = threading.Lock()
@@ -252,16 +253,18 @@ class TunnelDaemon:
 
     def _open_raw_links(self) -> None:
         """Raw sockets for IP-in-IP and GRE peers, one set per queue (a table may gain such
-        peers while running)."""
-        from ipshift.tunnel.raw import RawLink
-
+        peers while running). The queues share the senders by a kernel filter: each raw
+        socket would otherwise get its own copy of every packet. Their overhead (20-48 bytes)
+        never exceeds the UDP framing's, so the tunnel MTU suits them too."""
         addresses = [endpoint.host for endpoint in self.config.locals()]
-        for _index in range(self.config.queues):
+        queues = self.config.queues
+        for index in range(queues):
             try:
-                self._raw_links.append(RawLink(addresses, netns_name=self.config.netns))
-            except OSError as exc:
+                self._raw_links.append(RawLink(addresses, netns_name=self.config.netns,
+                                               share=(index, queues) if queues > 1 else None))
+            except (OSError, NetError) as exc:
                 raise TunnelError(f"cannot open raw sockets for IP-in-IP and GRE peers: "
-                                  f"{exc.strerror}") from exc
+                                  f"{exc}") from exc
 
     def _queue_sockets(self, index: int) -> list[socket.socket]:
         per_queue = len(self.config.locals())
@@ -545,7 +548,19 @@ class TunnelDaemon:
                 "running": self.alive(),
             },
             "counters": self.counters().as_dict(),
+            "raw": self._raw_status(),
         }
+
+    def _raw_status(self) -> dict[str, Any]:
+        """The raw link's own counters (those of this process's queue; workers keep theirs)."""
+        links = self._raw_links if self._forwarder is not None else []
+        malformed: dict[str, int] = {}
+        for link in links:
+            for reason, count in link.malformed.items():
+                malformed[reason] = malformed.get(reason, 0) + count
+        return {"send_errors": sum(link.send_errors for link in links),
+                "receive_errors": sum(link.receive_errors for link in links),
+                "malformed": malformed}
 
     def peer_counters_of(self, name: str) -> dict[str, int]:
         """The counters of peer `name`, summed over the queues."""

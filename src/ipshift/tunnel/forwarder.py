@@ -693,8 +693,13 @@ class QueuePump:
                 self.counters.send_errors += 1
                 state.words[state.base + _P_SEND_ERRORS] += 1
                 return
-            sent = self.raw.send(state.peer, buf, at, at + size, flags, gso_type, gso_size,
-                                 csum_start, csum_offset)
+            try:
+                sent = self.raw.send(state.peer, buf, at, at + size, flags, gso_type, gso_size,
+                                     csum_start, csum_offset)
+            except PacketError as exc:
+                self.counters.bad_tun_packets += 1
+                log.debug("dropped a packet from TUN for %s: %s", state.peer.name, exc)
+                return
             self.counters.datagrams_out += sent
             state.words[state.base + _P_OUT] += sent
             return
