@@ -187,13 +187,15 @@ class TunnelSite:
         if gateway is self.g1:
             args = ["--dev", "tun-g1", "--local", "192.0.2.1:4789", "--remote",
                     "192.0.2.129:4789", "--address", "203.0.113.1/30",
-                    "--route", "198.51.100.64/26"]
-            args += ["--address", "2001:db8:ff::1/64", "--route", "2001:db8:b::/64"] if v6 else []
+                    "--route", "198.51.100.64/26", "--serve", "198.51.100.0/26"]
+            args += ["--address", "2001:db8:ff::1/64", "--route", "2001:db8:b::/64",
+                     "--serve", "2001:db8:a::/64"] if v6 else []
         else:
             args = ["--dev", "tun-g2", "--local", "192.0.2.129:4789", "--remote",
                     "192.0.2.1:4789", "--address", "203.0.113.2/30",
-                    "--route", "198.51.100.0/26"]
-            args += ["--address", "2001:db8:ff::2/64", "--route", "2001:db8:a::/64"] if v6 else []
+                    "--route", "198.51.100.0/26", "--serve", "198.51.100.64/26"]
+            args += ["--address", "2001:db8:ff::2/64", "--route", "2001:db8:a::/64",
+                     "--serve", "2001:db8:b::/64"] if v6 else []
         socket = self.socket_of(gateway, len(list(self.sockets.iterdir())))
         proc = gateway.spawn([*self.TUNNEL, "run", *args, "--socket", str(socket), *extra],
                              name=f"tunnel-{gateway.name}")

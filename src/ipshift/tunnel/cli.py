@@ -31,9 +31,21 @@ def config_from_args(args: argparse.Namespace) -> TunnelConfig:
             framing=args.framing,
             rewrite_src=tuple(AddressMapping.parse(m, "--rewrite-src") for m in args.rewrite_src),
             rewrite_dst=tuple(AddressMapping.parse(m, "--rewrite-dst") for m in args.rewrite_dst),
+            serve=_serve(args.serve),
         )
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
+
+
+def _serve(entries: list[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
+    """--serve PREFIX (repeatable), or `any` for every destination."""
+    if any(entry.lower() == "any" for entry in entries):
+        return None
+    try:
+        return tuple(ipaddress.ip_network(entry) for entry in entries)
+    except ValueError as exc:
+        raise ConfigError(f"--serve: {exc}; give a prefix such as 198.51.100.0/24 (host bits "
+                          "zero) or `any`") from exc
 
 
 def _interface(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
@@ -93,6 +105,10 @@ def register(sub: Any) -> None:
                      help="address for the TUN device (repeatable)")
     run.add_argument("--route", action="append", default=[], metavar="PREFIX",
                      help="route PREFIX through the tunnel (repeatable)")
+    run.add_argument("--serve", action="append", default=[], metavar="PREFIX",
+                     help="inner destinations accepted from the tunnel besides this end's own "
+                          "addresses: the networks behind a gateway (repeatable); `any` accepts "
+                          "all (a relay)")
     run.add_argument("--mtu", type=int, metavar="N",
                      help="tunnel MTU (default: the path MTU to the peer minus 32, or 52 over "
                           "IPv6)")
