@@ -22,6 +22,9 @@ packets) and the GRO batch written back whole. It is not a tunnel anyone could u
 as soon as a batch is not exactly one super-packet: any loss, any reordering, any router cutting
 GSO apart), but it shows what the kernel side of this data path costs without any Python work
 per packet or chunk.
+
+The tunnel with a table of peers, hooks, authentication and raw encapsulations is measured by
+bench/bench_tunnel_peers.py (`tunnel_peers`), which shares the helpers of this module.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ class Samples:
         return statistics.median(self.cpu_per_gb) if self.cpu_per_gb else 0.0
 
 
-def _cpu_seconds(pids: list[int]) -> float:
+def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU of these processes and their children (the queue workers)."""
     total = 0.0
     seen: set[int] = set()
@@ -104,7 +107,8 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def _iperf(client: Node, server: Node, dst: str, seconds: float, streams: int) -> tuple[float, int]:
+def iperf_tcp(client: Node, server: Node, dst: str, seconds: float,
+              streams: int) -> tuple[float, int]:
     """(Gbit/s, bytes) of one iperf3 TCP run, as measured by the receiver."""
     srv = server.spawn(["iperf3", "-s", "-1"], name="iperf3-server")
     try:
@@ -156,7 +160,7 @@ class Tunnels:
                 raise RuntimeError(f"tunnel did not start in {node.name}: {proc.stderr()}")
 
     def cpu(self) -> float:
-        return _cpu_seconds([p.pid for p in self.procs])
+        return cpu_seconds([p.pid for p in self.procs])
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -166,7 +170,7 @@ class Tunnels:
 def _through(tunnels: Tunnels, a: Node, b: Node, seconds: float, streams: int,
              samples: Samples) -> None:
     before = tunnels.cpu()
-    gbits, carried = _iperf(a, b, "203.0.113.2", seconds, streams)
+    gbits, carried = iperf_tcp(a, b, "203.0.113.2", seconds, streams)
     samples.gbits.append(gbits)
     if carried:
         samples.cpu_per_gb.append((tunnels.cpu() - before) / (carried / 1e9))
@@ -184,7 +188,7 @@ def run(ctx: Context) -> list[Row]:
         lab.link(a, b, "192.0.2.1/24", "192.0.2.2/24")
         sockets = Path(tmp)
         for _ in range(rounds):
-            veth1.gbits.append(_iperf(a, b, "192.0.2.2", seconds, 1)[0])
+            veth1.gbits.append(iperf_tcp(a, b, "192.0.2.2", seconds, 1)[0])
             tunnels = Tunnels(a, b, sockets)
             try:
                 _through(tunnels, a, b, seconds, 1, tunnel1)
@@ -196,7 +200,7 @@ def run(ctx: Context) -> list[Row]:
                 _through(tunnels, a, b, seconds, 1, packet1)
             finally:
                 tunnels.stop()
-            veth4.gbits.append(_iperf(a, b, "192.0.2.2", seconds, 4)[0])
+            veth4.gbits.append(iperf_tcp(a, b, "192.0.2.2", seconds, 4)[0])
             tunnels = Tunnels(a, b, sockets, queues=2)
             try:
                 _through(tunnels, a, b, seconds, 4, tunnel4mq)
@@ -221,10 +225,10 @@ def run(ctx: Context) -> list[Row]:
     with Lab("bench-tunnel-gw") as lab, tempfile.TemporaryDirectory() as tmp:
         _gateways(TunnelSite(lab, Path(tmp)), rounds, seconds, gateway)
 
-    share = _median_share(tunnel1, veth1)
-    proto_share = _median_share(proto1, veth1)
-    packet_share = _median_share(packet1, veth1)
-    share4 = _median_share(tunnel4mq, veth4)
+    share = median_share(tunnel1, veth1)
+    proto_share = median_share(proto1, veth1)
+    packet_share = median_share(packet1, veth1)
+    share4 = median_share(tunnel4mq, veth4)
     return [
         Row(
             metric="TCP, 1 stream through the tunnel",
@@ -239,8 +243,8 @@ def run(ctx: Context) -> list[Row]:
                   f"{proto_share:.0%}, per-packet framing {packet_share:.0%}); forwarders "
                   f"{tunnel1.cpu:.2f} CPU-s/GB "
                   f"(prototype {proto1.cpu:.2f}, per-packet framing {packet1.cpu:.2f}); runs "
-                  f"{_list(tunnel1.gbits)}, veth {_list(veth1.gbits)}, prototype "
-                  f"{_list(proto1.gbits)}",
+                  f"{runs_text(tunnel1.gbits)}, veth {runs_text(veth1.gbits)}, prototype "
+                  f"{runs_text(proto1.gbits)}",
         ),
         Row(
             metric="TCP through two forwarding gateways",
@@ -249,8 +253,8 @@ def run(ctx: Context) -> list[Row]:
             baselines={"per-packet framing": gateway["packet"].median},
             better="higher",
             notes="h1 - g1 = r = g2 - h2, checksums in software toward the hosts; 64 KB "
-                  f"super-packets in two sends; runs {_list(gateway['batch'].gbits)} vs "
-                  f"{_list(gateway['packet'].gbits)}",
+                  f"super-packets in two sends; runs {runs_text(gateway['batch'].gbits)} vs "
+                  f"{runs_text(gateway['packet'].gbits)}",
         ),
         Row(
             metric="same, 1 % of tunnel datagrams lost",
@@ -259,8 +263,8 @@ def run(ctx: Context) -> list[Row]:
             baselines={"per-packet framing": gateway["packet-loss"].median},
             better="higher",
             notes="a lost chunk costs the segments it carried, chunk 0 all of them; runs "
-                  f"{_list(gateway['batch-loss'].gbits)} vs "
-                  f"{_list(gateway['packet-loss'].gbits)}",
+                  f"{runs_text(gateway['batch-loss'].gbits)} vs "
+                  f"{runs_text(gateway['packet-loss'].gbits)}",
         ),
         Row(
             metric="TCP, 4 streams, 2 queues (worker each)",
@@ -269,7 +273,7 @@ def run(ctx: Context) -> list[Row]:
             baselines={"kernel veth": veth4.median, "tunnel, 1 queue": tunnel4.median},
             better="higher",
             notes=f"{share4:.0%} of veth; CPU-s/GB {tunnel4mq.cpu:.2f} (1 queue "
-                  f"{tunnel4.cpu:.2f}); runs {_list(tunnel4mq.gbits)}",
+                  f"{tunnel4.cpu:.2f}); runs {runs_text(tunnel4mq.gbits)}",
         ),
         Row(metric="ping RTT through the tunnel, average", unit="us", ipshift=tunnel_avg,
             baselines={"kernel veth": veth_avg}, better="lower"),
@@ -287,11 +291,11 @@ def _gateways(site: TunnelSite, rounds: int, seconds: float,
                      for gateway in (site.g1, site.g2)]
             try:
                 samples[framing].gbits.append(
-                    _iperf(site.h1, site.h2, "198.51.100.65", seconds, 1)[0])
+                    iperf_tcp(site.h1, site.h2, "198.51.100.65", seconds, 1)[0])
                 site.underlay_loss(1)
                 try:
                     samples[f"{framing}-loss"].gbits.append(
-                        _iperf(site.h1, site.h2, "198.51.100.65", seconds, 1)[0])
+                        iperf_tcp(site.h1, site.h2, "198.51.100.65", seconds, 1)[0])
                 finally:
                     site.underlay_loss(0)
             finally:
@@ -299,10 +303,10 @@ def _gateways(site: TunnelSite, rounds: int, seconds: float,
                     proc.stop()
 
 
-def _median_share(tunnel: Samples, veth: Samples) -> float:
+def median_share(tunnel: Samples, veth: Samples) -> float:
     shares = [t / v for t, v in zip(tunnel.gbits, veth.gbits, strict=False) if v]
     return statistics.median(shares) if shares else 0.0
 
 
-def _list(values: list[float]) -> str:
+def runs_text(values: list[float]) -> str:
     return "/".join(f"{v:.2f}" for v in values)

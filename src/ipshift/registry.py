@@ -42,7 +42,7 @@ TRAILING_COMMANDS: tuple[str, ...] = ("ipshift.daemon.cli", "ipshift.lab.cli", "
 
 #: Benchmarks of the layers below the components.
 LAYER_BENCHMARKS: tuple[str, ...] = ("bench.bench_packet", "bench.bench_remap",
-                                      "bench.bench_peers")
+                                      "bench.bench_peers", "bench.bench_tunnel_peers")
 
 
 def command_modules() -> tuple[str, ...]:
