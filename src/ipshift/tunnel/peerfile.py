@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -49,6 +50,13 @@ REQUIRED_KEYS = ("name", "endpoint")
 
 # How a key is named in an error: in a file by itself, on the command line by its option.
 KeyNamer = Callable[[str], str]
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def file_key(key: str) -> str:
+    """A key as an error shows it: a bare TOML key as written, anything else quoted (it may
+    hold a newline or be empty, and an error is one line)."""
+    return key if _BARE_KEY.fullmatch(key) else repr(key)
 
 
 @dataclass(frozen=True)
@@ -129,7 +137,7 @@ def parse_peer_entries(text: str, source: str = "peers file", *,
 
 
 def peer_entry(fields: Mapping[str, Any], label: str, *, source: str | None = None,
-               directory: Path | None = None, key_name: KeyNamer = str) -> PeerEntry:
+               directory: Path | None = None, key_name: KeyNamer = file_key) -> PeerEntry:
     """One peer from a [[peer]] table (or from command-line options in that shape). Errors
     read "{source}: {label}: {key_name(key)}: what is wrong"; relative key files are found in
     `directory`, by default the working directory."""
