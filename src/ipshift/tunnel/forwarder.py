@@ -764,6 +764,11 @@ class QueuePump:
                 else:
                     sock.sendto(iov[0], state.address)
             else:
+                if segment == 0 and self._encoder is not None:
+                    # One datagram on a socket whose own segment size is batch framing's
+                    # slot: name its length, or one that a hook made longer than a slot
+                    # leaves cut in two.
+                    segment = sum(map(len, iov))
                 udp.send_segments(sock, iov, segment, state.address)
         except OSError as exc:
             counters.send_errors += 1

@@ -435,3 +435,24 @@ def test_ipv4_and_ipv6_peers_side_by_side_on_one_pump() -> None:
     finally:
         for s in (four, six, far4, far6, kernel, queue):
             s.close()
+
+
+def test_a_packet_a_hook_grows_past_the_batch_slot_leaves_whole() -> None:
+    """Batch framing sets the socket's own segment size to a chunk slot: a full-size packet
+    that an outbound hook makes 8 bytes longer must still leave as one datagram."""
+    def grow(buf: bytearray, offset: int, partial: bool, peer: Peer) -> hooks.HookResult:
+        packet = bytes(buf[offset:offset + hooks.packet_length(buf, offset)])
+        grown = bytearray(packet[:40] + bytes([17, 0, 1, 4, 0, 0, 0, 0]) + packet[40:])
+        grown[6] = 60
+        grown[4:6] = struct.pack("!H", len(grown) - 40)
+        return grown
+
+    for made in _star(1400, gateway_hooks=Hooks(outbound=grow, resizes=True)):
+        gw, p3 = made.gateway, made.peers["p3"]
+        packet = bytes(IPv6(src="2001:db8:ff::1", dst="2001:db8:3::9") / UDP(dport=9)
+                       / bytes(1400 - 48))
+        assert len(packet) == 1400
+        send_from_tun(gw, packet)
+        pump_until_quiet(p3)
+        (arrived,) = written(p3)
+        assert len(arrived) == 1408 and arrived[48:] == packet[40:]
