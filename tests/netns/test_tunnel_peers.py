@@ -421,6 +421,32 @@ def test_peers_and_rewrites_change_mid_stream_without_loss(site: PeerSite,
     assert site.counters(gateway)["rewritten"] >= sent - switched
 
 
+LOADED_PEERS = 3000  # far more than one control request could carry (64 KiB)
+
+
+def test_a_peers_file_of_thousands_is_loaded_while_traffic_flows(site: PeerSite,
+                                                                  tunnels: Tunnels) -> None:
+    """`ipshift tunnel peers load FILE`: the daemon reads the file itself, so its size is not
+    bounded by a control request; a peer that the file keeps as it was loses nothing."""
+    gateway, p1 = tunnels.gateway, site.branch("p1")
+    extra = "".join(f'[[peer]]\nname = "x{i}"\nendpoint = "192.0.2.200:{10000 + i}"\n'
+                    f'addresses = ["2001:db8:77::{i:x}"]\n' for i in range(LOADED_PEERS))
+    path = site.workdir / "thousands.toml"  # beside the key file the site's peers name
+    path.write_text(site.peers_toml() + "\n" + extra)
+    assert path.stat().st_size > 3 * 64 * 1024
+    generation = site.peers(gateway)["generation"]
+    with Prober(site, p1) as prober:
+        prober.wait_sent(PROBES_BEFORE)
+        answer = site.tunnel_command(gateway, "peers", "load", str(path))
+        prober.wait_sent(PROBES_BEFORE)
+        sent = prober.stop()
+        probes = received(prober.receiver, lambda got: len(got) >= sent)
+    assert answer["generation"] == generation + 1
+    listed = site.peers(gateway)["peers"]
+    assert len(listed) == LOADED_PEERS + len(site.branches) + len(RAW_PEERS)
+    assert payloads(probes) == [str(i).encode() for i in range(sent)]
+
+
 # --- 3. an attacker on the underlay -----------------------------------------------------------
 STRANGER_PORT = PORT + 100  # a port of a peer's address that is not its endpoint
 

@@ -56,7 +56,7 @@ def options_from_args(args: argparse.Namespace, *, socket: Path | None) -> Daemo
     return DaemonOptions(socket=socket, metrics=metrics)
 
 
-def call(path: Path, method: str, **params: Any) -> Any:
+def call(path: Path, method: str, /, **params: Any) -> Any:
     try:
         return request(path, method, **params)
     except CtlError as exc:

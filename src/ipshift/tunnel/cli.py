@@ -23,7 +23,6 @@ from ipshift.tunnel.peerfile import (
     load_peers,
     peer_entry,
     peer_request,
-    replace_request,
 )
 from ipshift.tunnel.peers import Encapsulation, Peer
 from ipshift.ui import UserError
@@ -285,22 +284,17 @@ def _peers_remove(args: argparse.Namespace) -> int:
 
 
 def _peers_load(args: argparse.Namespace) -> int:
-    from ipshift.ctl.protocol import MAX_REQUEST, encode_message
-
+    # Checked here first, so that a mistake is named against the file the user typed; then
+    # the daemon reads the file itself (thousands of peers do not fit a control request).
+    path = os.path.abspath(args.file)
     try:
-        entries = load_peer_entries(args.file)
+        entries = load_peer_entries(path)
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
     if not entries:
         raise UserError(f"{args.file} lists no peers; to remove peers one by one use "
                         "`ipshift tunnel peers --dev DEV remove NAME`")
-    params = replace_request(entries)
-    size = len(encode_message({"id": 1, "method": "peers-replace", "params": params}))
-    if size > MAX_REQUEST:
-        raise UserError(f"{args.file}: {len(entries)} peers make a request of {size} bytes, "
-                        f"more than the {MAX_REQUEST} a control socket takes; restart the "
-                        "tunnel with --peers FILE, or change peers one by one with `peers set`")
-    result = call(_peers_socket(args), "peers-replace", **params)
+    result = call(_peers_socket(args), "peers-load", path=path)
     _report(args, result, f"{len(entries)} peer{'' if len(entries) == 1 else 's'} of "
                           f"{args.file} in force")
     return 0

@@ -63,6 +63,7 @@ from ipshift.tunnel.forwarder import (
     QueuePump,
 )
 from ipshift.tunnel.hooks import INBOUND, OUTBOUND, ControlSink, Hooks, compose
+from ipshift.tunnel.peerfile import load_peers
 from ipshift.tunnel.peers import (
     GenerationError,
     Peer,
@@ -204,11 +205,22 @@ class TunnelDaemon:
                     log.warning("tunnel MTU %d is below %d: using per-packet framing",
                                 self.mtu, batch.MIN_CHUNK)
             self._set_gso_max_size(nl, sysctl.forwarding(config.netns))
+            self._no_link_local(config)
             nl.set_link(config.dev, mtu=self.mtu, up=True)
             for address in config.addresses:
                 nl.add_address(config.dev, str(address), nodad=True, replace=True)
             for prefix in config.routes:
                 nl.replace_route(Route(str(prefix), dev=config.dev))
+
+    @staticmethod
+    def _no_link_local(config: TunnelConfig) -> None:
+        """No IPv6 link-local address on the device: a tunnel to many peers is no link, and
+        the address would send router solicitations and MLD reports into the tunnel, which
+        the far end can only count as packets it does not serve."""
+        try:
+            sysctl.write(("net", "ipv6", "conf", config.dev, "addr_gen_mode"), 1, config.netns)
+        except NetError as exc:  # IPv6 disabled on this host: nothing to generate
+            log.debug("left %s's IPv6 address generation alone: %s", config.dev, exc)
 
     def _set_gso_max_size(self, nl: Netlink, forwarding: bool) -> bool:
         """Give the device the gso_max_size that suits a host or a router; True if it changed.
@@ -827,6 +839,7 @@ class TunnelService:
         for name, handler in (("peers", self._peers), ("peer-set", self._peer_set),
                               ("peer-remove", self._peer_remove),
                               ("peers-replace", self._peers_replace),
+                              ("peers-load", self._peers_load),
                               ("rewrites", self._rewrites)):
             rt.method(name, _refusing(handler))
 
@@ -866,6 +879,19 @@ class TunnelService:
         generation = self._live().replace_peers(peers)
         log.info("peers replaced: %d peers (generation %d)", len(peers), generation)
         return {"generation": generation}
+
+    def _peers_load(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        # The daemon reads the file itself: a request is at most 64 KiB, a file of thousands
+        # of peers is not, and the key files it names are the daemon's to read anyway.
+        path = params.get("path")
+        if not isinstance(path, str) or not os.path.isabs(path):
+            raise ConfigError("peers-load needs the peers file's absolute path")
+        peers = load_peers(path)
+        if not peers:
+            raise ConfigError(f"{path} lists no peers; a tunnel keeps at least one")
+        generation = self._live().replace_peers(peers)
+        log.info("peers of %s in force: %d peers (generation %d)", path, len(peers), generation)
+        return {"generation": generation, "peers": len(peers)}
 
     def _rewrites(self, params: Mapping[str, Any]) -> dict[str, Any]:
         daemon = self._live()

@@ -77,7 +77,7 @@ class FakeDaemon:
         self.replies = replies
         monkeypatch.setattr("ipshift.tunnel.cli.call", self.call)
 
-    def call(self, path: Path, method: str, **params: Any) -> Any:
+    def call(self, path: Path, method: str, /, **params: Any) -> Any:
         self.calls.append((path, method, params))
         reply = self.replies[method.replace("-", "_")]
         if isinstance(reply, Exception):
@@ -271,16 +271,15 @@ def test_no_tunnel_named_is_one_line(capsys: pytest.CaptureFixture[str]) -> None
     assert err.count("\n") == 1
 
 
-def test_load_replaces_the_set_from_a_file(peers_file: Path, monkeypatch: pytest.MonkeyPatch,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
-    daemon = FakeDaemon(monkeypatch, peers_replace={"generation": 12})
-    rc, out, _ = run_cli(capsys, "peers", "--dev", "tun7", "load", str(peers_file))
-    assert rc == 0 and out == f"2 peers of {peers_file} in force (generation 12)\n"
-    ((_, method, params),) = daemon.calls
-    assert method == "peers-replace"
-    assert [Peer.from_dict(d).name for d in params["peers"]] == ["branch1", "v6"]
-    # the daemon reads the key file, from wherever it runs: an absolute path
-    assert params["key_files"] == {"branch1": str(peers_file.parent / "branch1.key")}
+def test_load_checks_the_file_then_has_the_daemon_read_it(
+        peers_file: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    daemon = FakeDaemon(monkeypatch, peers_load={"generation": 12, "peers": 2})
+    monkeypatch.chdir(peers_file.parent)
+    rc, out, _ = run_cli(capsys, "peers", "--dev", "tun7", "load", peers_file.name)
+    assert rc == 0 and out == f"2 peers of {peers_file.name} in force (generation 12)\n"
+    # the daemon reads the file (and its key files) from wherever it runs: an absolute path
+    assert daemon.calls == [(daemon.calls[0][0], "peers-load", {"path": str(peers_file)})]
 
 
 def test_load_checks_the_file_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -296,20 +295,6 @@ def test_load_checks_the_file_first(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     rc, _, err = run_cli(capsys, "peers", "--dev", "tun7", "load", str(empty))
     assert rc == 2 and err.startswith(f"ipshift: {empty} lists no peers; to remove peers")
     assert not daemon.calls
-
-
-def test_load_of_more_than_one_request_holds_says_so(tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    daemon = FakeDaemon(monkeypatch)
-    path = tmp_path / "many.toml"
-    path.write_text("".join(f'[[peer]]\nname = "p{i}"\nendpoint = "192.0.2.{i}:4789"\n'
-                            f'addresses = ["198.51.100.{i}"]\n' for i in range(1, 201)))
-    monkeypatch.setattr("ipshift.ctl.protocol.MAX_REQUEST", 4096)
-    rc, _, err = run_cli(capsys, "peers", "--dev", "tun7", "load", str(path))
-    assert rc == 2 and not daemon.calls and err.count("\n") == 1
-    assert "200 peers make a request of" in err and "more than the 4096" in err
-    assert "restart the tunnel with --peers FILE" in err
 
 
 # --- keygen -----------------------------------------------------------------------------------
