@@ -33,6 +33,8 @@ COMPONENTS: tuple[Component, ...] = (
               "ipshift.resend.cli", "ipshift.resend.demo",
               "a lookup that dials a demand link, without and with ip_resend",
               "bench.bench_resend"),
+    Component("sacip", "sessions that survive address changes at either end",
+              "ipshift.sacip.cli"),
 )
 
 #: Commands that are not components, before and after the components in `ipshift --help`.

@@ -23,6 +23,8 @@ from ipshift.net.netlink import Netlink
 
 log = logging.getLogger("ipshift.net")
 
+RT_SCOPE_HOST = 254
+
 
 def host_cidr(addr: str) -> str:
     """`addr` as the host prefix it gets on lo (ADDRESS/32 or ADDRESS/128)."""
@@ -31,10 +33,16 @@ def host_cidr(addr: str) -> str:
 
 
 class LoAddresses:
+    """With `identifier_only`, a kept address serves the sockets already bound to it and is
+    never picked as the source of anything new: IPv4 addresses get host scope, IPv6 ones a
+    preferred lifetime of 0 (deprecated; RFC 6724 source selection avoids them)."""
+
     def __init__(self, netlink: Netlink, *,
-                 on_change: Callable[[frozenset[str]], None] | None = None) -> None:
+                 on_change: Callable[[frozenset[str]], None] | None = None,
+                 identifier_only: bool = False) -> None:
         self.netlink = netlink
         self.on_change = on_change
+        self.identifier_only = identifier_only
         self.users: dict[str, int] = {}  # address -> holders that need it local
         self.owned: set[str] = set()  # the ones this holder added (and will remove), as CIDRs
 
@@ -44,11 +52,32 @@ class LoAddresses:
         if self.users.get(cidr, 0) == 0 and cidr not in self.owned:
             local = {a.address for a in self.netlink.addresses()}
             if str(ipaddress.ip_address(addr)) not in local:
-                self.netlink.add_address("lo", cidr, nodad=True)
+                if not self.identifier_only:
+                    self.netlink.add_address("lo", cidr, nodad=True)
+                elif ipaddress.ip_address(addr).version == 4:
+                    self.netlink.add_address("lo", cidr, nodad=True, scope=RT_SCOPE_HOST)
+                else:  # valid forever, deprecated at once
+                    self.netlink.add_address("lo", cidr, nodad=True, preferred_lft=0)
                 self.owned.add(cidr)
                 self._changed()
                 log.info("keeping address %s on lo", cidr)
         self.users[cidr] = self.users.get(cidr, 0) + 1
+
+    def adopt(self, cidrs: Iterable[str]) -> None:
+        """Addresses an earlier run of this holder added (its record, after a restart): owned
+        again, so that the last release removes them. `release_unused` removes the ones no
+        one acquires."""
+        local = {f"{a.address}/{a.prefixlen}" for a in self.netlink.addresses(dev="lo")}
+        for cidr in cidrs:
+            if cidr in local:
+                self.owned.add(cidr)
+        self._changed()
+
+    def release_unused(self) -> None:
+        for cidr in sorted(self.owned - set(self.users)):
+            self.owned.discard(cidr)
+            self._delete(cidr)
+        self._changed()
 
     def release(self, addr: str) -> None:
         cidr = host_cidr(addr)

@@ -402,7 +402,8 @@ def _run_iptables(family: int, netns: str | None, args: Sequence[str],
 class QueueRule:
     """An owned iptables chain `IPSHIFT-<owner>` in `table` of namespace `netns` that sends
     the packets matching `match` (iptables arguments, e.g. ["-p", "icmp"]) to queue
-    `queue_num`, jumped to from the start of each built-in chain in `chain`.
+    `queue_num`, jumped to from the start of each built-in chain in `chain`. `match` may
+    also be several such lists (a packet matching any of them is queued).
 
     Installed when created; `close()` removes the jumps and the chain. With `bypass`
     (--queue-bypass), packets pass while no program is bound to the queue. A chain of the same
@@ -415,7 +416,7 @@ class QueueRule:
         queue_num: int,
         *,
         chain: str | Sequence[str] = "PREROUTING",
-        match: Sequence[str] = (),
+        match: Sequence[str] | Sequence[Sequence[str]] = (),
         family: int = 4,
         netns: str | None = None,
         table: str = "mangle",
@@ -432,7 +433,12 @@ class QueueRule:
         self.hooks = (chain,) if isinstance(chain, str) else tuple(chain)
         if not self.hooks:
             raise ValueError("a queue rule needs at least one chain to jump from")
-        self.match = tuple(match)
+        # one match (iptables arguments), or several: one queueing rule each
+        matches: list[Sequence[str]] = (
+            [match] if not match or isinstance(match[0], str)  # type: ignore[list-item]
+            else list(match))
+        self.matches: tuple[tuple[str, ...], ...] = tuple(tuple(m) for m in matches)
+        self.match = self.matches[0]
         self.family = family
         self.netns = netns
         self.table = table
@@ -451,7 +457,8 @@ class QueueRule:
             self._run(["-N", self.chain_name])  # raises with iptables' own line
         self._installed = True
         try:
-            self._run(["-A", self.chain_name, *self.match, *target])
+            for one in self.matches:
+                self._run(["-A", self.chain_name, *one, *target])
             for hook in self.hooks:
                 self._run(["-I", hook, "1", "-j", self.chain_name])
         except BaseException:

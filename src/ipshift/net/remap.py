@@ -585,6 +585,18 @@ class FlowRemaps:
         self.removed += len(dels)
         return len(adds), len(dels)
 
+    def adopt(self) -> dict[Remap, Direction]:
+        """Take over the remaps a table left by an earlier run holds (a restart): they stay
+        installed and are known as if added here. The table must exist."""
+        self._forget()
+        found = self.read_back()
+        for remap, direction in found.items():
+            self._installed[remap] = direction
+            self._elements += _element_count(remap, direction)
+            for slot in _slots(remap, direction):
+                self._keys[slot] = remap
+        return found
+
     # --- what is there -------------------------------------------------------------------------
     def remaps(self) -> dict[Remap, Direction]:
         """The remaps installed, with their directions."""

@@ -398,3 +398,48 @@ def destination_of(ancillary: Sequence[tuple[int, int, bytes]]) -> tuple[str, in
 
 def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
+
+
+# --- unicast with packet info: answer from the address a datagram came to ----------------------
+def open_with_destination(
+    family: socket.AddressFamily, port: int, *, netns_name: str | None = None,
+    buffer_bytes: int = 1 << 20,
+) -> socket.socket:
+    """A non-blocking UDP socket on `port` of every address of `family` (IPv6 only for
+    AF_INET6) in namespace netns_name, with packet info on: `recv_with_destination` tells
+    which local address each datagram came to, and `send_from` picks the source address."""
+    return netns.call_in(netns_name, _open_with_destination_here, family, port, buffer_bytes)
+
+
+def _open_with_destination_here(family: socket.AddressFamily, port: int,
+                                buffer_bytes: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    try:
+        if buffer_bytes:
+            _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, buffer_bytes)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            sock.bind(("::", port))
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            sock.bind(("0.0.0.0", port))
+    except OSError as exc:
+        sock.close()
+        version = "IPv6" if family == socket.AF_INET6 else "IPv4"
+        raise NetError(f"cannot open UDP port {port} ({version}): {_reason(exc)}",
+                       exc.errno or 0) from exc
+    return sock
+
+
+def send_from(sock: socket.socket, data: bytes, address: Address, source: str | None) -> int:
+    """Send one datagram to `address` from local address `source` (None: the kernel picks)."""
+    if source is None:
+        return sock.sendto(data, address)
+    if sock.family == socket.AF_INET6:
+        info = _IN6_PKTINFO.pack(socket.inet_pton(socket.AF_INET6, source), 0)
+        ancillary = [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, info)]
+    else:
+        info = _IN_PKTINFO.pack(0, socket.inet_pton(socket.AF_INET, source), bytes(4))
+        ancillary = [(socket.IPPROTO_IP, IP_PKTINFO, info)]
+    return sock.sendmsg([data], ancillary, 0, address)

@@ -162,6 +162,15 @@ def format_key_file(key: bytes, comment: str = "") -> str:
     return head + base64.b64encode(key).decode() + "\n"
 
 
+def write_key_file(path: str, key: bytes, comment: str = "") -> None:
+    """Create key file `path` holding `key`, mode 0600 from the start; an existing file is
+    never overwritten (FileExistsError): a peer may still use that key."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(format_key_file(key, comment))
+
+
 def generate_key() -> bytes:
     return AESGCM.generate_key(bit_length=KEY_LEN * 8)
 

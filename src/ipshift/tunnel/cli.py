@@ -391,17 +391,15 @@ def _register_peers(ts: Any) -> None:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from ipshift.tunnel.auth import format_key_file, generate_key
+    from ipshift.tunnel.auth import format_key_file, generate_key, write_key_file
 
-    text = format_key_file(generate_key(), "ipshift tunnel peer key: the same file at both "
-                                           "ends; keep it secret")
+    comment = "ipshift tunnel peer key: the same file at both ends; keep it secret"
+    key = generate_key()
     if args.file is None:
-        print(text, end="")
+        print(format_key_file(key, comment), end="")
         return 0
     try:
-        # O_EXCL: never overwrite a key (a peer may still use it); mode 0600 from the start.
-        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600)
+        write_key_file(args.file, key, comment)
     except FileExistsError as exc:
         raise UserError(f"{args.file} exists; keygen never overwrites a key: remove it first "
                         "or give another name") from exc
@@ -409,8 +407,6 @@ def _keygen(args: argparse.Namespace) -> int:
         raise UserError(f"cannot create {args.file}: {exc.strerror}") from exc
     except ValueError as exc:
         raise UserError(f"{args.file!r} is not a usable path") from exc
-    with os.fdopen(fd, "w") as file:
-        file.write(text)
     print(f"wrote a new key to {args.file} (mode 0600); copy it to the peer over a secure "
           "channel")
     return 0

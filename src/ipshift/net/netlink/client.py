@@ -162,7 +162,7 @@ class Netlink:
     def add_address(
         self, dev: str, cidr: str, *, peer: str | None = None, nodad: bool = False,
         replace: bool = False, valid_lft: int | None = None, preferred_lft: int | None = None,
-        noprefixroute: bool = False,
+        noprefixroute: bool = False, scope: int | None = None,
     ) -> None:
         """Add `cidr` (address/prefixlen) to `dev`; replace=True makes it idempotent (and
         updates the lifetimes of an address that is there). `valid_lft` / `preferred_lft` are
