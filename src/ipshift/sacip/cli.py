@@ -37,10 +37,10 @@ def _config(args: argparse.Namespace) -> Any:
     from ipshift.sacip.config import ConfigError, SacipConfig, load_config
 
     overrides: dict[str, Any] = {"name": args.name}
-    for key in ("port", "identity", "known_peers"):
+    for key in ("port", "identity", "known_peers", "scan_interval", "move_timeout"):
         value = getattr(args, key, None)
         if value is not None:
-            overrides[key] = Path(value) if key != "port" else value
+            overrides[key] = Path(value) if key in ("identity", "known_peers") else value
     if getattr(args, "trust", None):
         overrides["trust"] = args.trust
     if getattr(args, "reset_unpreservable", False):
@@ -92,6 +92,11 @@ def register(sub: Any) -> None:
                           "/var/lib/ipshift/sacip-known.json)")
     run.add_argument("--trust", choices=("tofu", "pinned"),
                      help="trust peers on first use (default) or only pinned ones")
+    run.add_argument("--scan-interval", dest="scan_interval", type=float, metavar="SECONDS",
+                     help="seconds between looks at the sessions (default 1)")
+    run.add_argument("--move-timeout", dest="move_timeout", type=float, metavar="SECONDS",
+                     help="how long sessions of a lost address wait for a new one "
+                          "(default 120)")
     run.add_argument("--reset-unpreservable", action="store_true",
                      help="reset sessions a move cannot keep at once instead of letting "
                           "them hang")

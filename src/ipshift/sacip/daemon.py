@@ -176,7 +176,10 @@ class SacipService:
         config, netns = self.config, self.netns
         self._netlink = Netlink(netns)
         self._lo = LoAddresses(self._netlink, on_change=self._record_lo, identifier_only=True)
-        self._lo.adopt(rt.record.items(LO_ADDRESS))
+        # what a killed predecessor kept on lo: ours again (the remaps below may need it)
+        left_lo = rt.record.left_over(LO_ADDRESS)
+        self._lo.adopt(left_lo)
+        rt.record.settled(LO_ADDRESS, left_lo)
         # subscribed before the first scan: a move that happens meanwhile is not missed
         self._watcher = KernelWatcher(netns, ("link", "address", "route"),
                                       netlink=self._netlink)
@@ -185,13 +188,18 @@ class SacipService:
         self._nft = Nft(netns)
         table = OwnedTable(self._nft, "inet", "sacip", config.name)
         adopted: list[Any] = []
-        if table.spec in rt.record.items(NFT_TABLE) and table.exists():
-            self._remaps = FlowRemaps(table)
+        rt.record.add(NFT_TABLE, table.spec)
+        self._remaps = FlowRemaps(table)
+        if table.spec in rt.record.left_over(NFT_TABLE) and table.exists():
+            # a killed predecessor's remaps: its sessions stay moved
             adopted = list(self._remaps.adopt())
         else:
-            rt.record.add(NFT_TABLE, table.spec)
-            self._remaps = FlowRemaps(table)
             self._remaps.install(force=True)  # ours: the instance lock says no one else runs
+        for spec in rt.record.left_over(NFT_TABLE):
+            if spec != table.spec:
+                log.warning("a predecessor left nftables table %s, not this instance's: "
+                            "`ipshift daemons --clean` removes it", spec)
+        rt.record.settled(NFT_TABLE, [table.spec])
         self._diag = SockDiag(netns)
         for family in (socket.AF_INET, socket.AF_INET6):
             try:

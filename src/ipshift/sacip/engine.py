@@ -518,10 +518,11 @@ class SacipEngine:
     def source_for(self, old: str, peer_address: str, new: str, now: float) -> None:
         """The kernel's source address toward `peer_address` now: move the sessions that
         left `old` toward that peer to `new`."""
-        new = str(ipaddress.ip_address(new))
-        if new == old or new in self.kept or ipaddress.ip_address(new).version != \
-                ipaddress.ip_address(old).version:
-            return
+        ip = ipaddress.ip_address(new)
+        new = str(ip)
+        if (new == old or new in self.kept or ip.version != ipaddress.ip_address(old).version
+                or ip.is_link_local or ip.is_loopback or ip.is_multicast or ip.is_unspecified):
+            return  # not a source a session can move to (e.g. IPv6 link-local in a gap)
         entry = self.pending.get(old)
         if entry is None:
             return

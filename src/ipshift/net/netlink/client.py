@@ -168,9 +168,12 @@ class Netlink:
         updates the lifetimes of an address that is there). `valid_lft` / `preferred_lft` are
         seconds (None: forever; the kernel removes the address when the valid one runs out and
         marks it deprecated when the preferred one does); `noprefixroute` keeps the kernel from
-        adding the subnet's route."""
+        adding the subnet's route; `scope` is the address's scope (RT_SCOPE_*; an IPv4
+        address of host scope is never picked as a source)."""
         iface = _interface(cidr)
         kwargs = self._addr_kwargs(dev, iface, peer)
+        if scope is not None:
+            kwargs["scope"] = scope
         flags = 0
         if nodad and iface.version == 6:
             flags |= IFA_F_NODAD
