@@ -340,6 +340,25 @@ def element_commands(
     return commands
 
 
+def _commands(family: str, table: str, deletes: Iterable[tuple[str, FlowTuple]],
+              adds: Iterable[tuple[str, FlowTuple, Any]]) -> list[JsonDoc]:
+    """Commands that delete these elements, then add those (one command per map and verb)."""
+    commands: list[JsonDoc] = []
+    for verb, per_map in (("delete", _by_map((m, _json_key(k)) for m, k in deletes)),
+                          ("add", _by_map((m, [_json_key(k), v]) for m, k, v in adds))):
+        for name in sorted(per_map):
+            commands.append({verb: {"element": {"family": family, "table": table,
+                                                "name": name, "elem": per_map[name]}}})
+    return commands
+
+
+def _by_map(items: Iterable[tuple[str, Any]]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for name, elem in items:
+        out.setdefault(name, []).append(elem)
+    return out
+
+
 # --- reading remaps back from a listing ---------------------------------------------------------
 def describe(listing: Mapping[str, Any]) -> dict[Remap, Direction]:
     """The remaps whose elements a table listing (`Nft.list_table`, JSON) holds, with the
@@ -487,9 +506,10 @@ class FlowRemaps:
             raise ValueError(f"flow remaps need an inet table, not {table.family}")
         self.table = table
         self._installed: dict[Remap, Direction] = {}
-        # every lookup key and result in use -> the remap whose packets have it (clashes)
-        self._keys: dict[tuple[str, FlowTuple], Remap] = {}
-        self._elements = 0
+        # every lookup key and result in use -> the remaps whose packets have it (clashes)
+        self._keys: dict[tuple[str, FlowTuple], dict[Remap, None]] = {}
+        # every element in the maps -> how many installed (remap, direction) pairs need it
+        self._users: dict[tuple[str, FlowTuple], int] = {}
         self.added = 0  # (remap, direction) pairs installed, since the start
         self.removed = 0
         self.transactions = 0
@@ -511,7 +531,7 @@ class FlowRemaps:
     def _forget(self) -> None:
         self._installed.clear()
         self._keys.clear()
-        self._elements = 0
+        self._users.clear()
 
     # --- changes -------------------------------------------------------------------------------
     def add(self, remaps: Iterable[Remap], direction: Direction = Direction.BOTH) -> int:
@@ -538,29 +558,57 @@ class FlowRemaps:
             have = self._installed.get(remap, Direction(0)) & direction
             if have:
                 dels.append((remap, have))
-        # the key changes, kept apart until nft has taken the transaction
-        freed = {slot for remap, have in dels for slot in _slots(remap, have)}
-        taken: dict[tuple[str, FlowTuple], Remap] = {}
         removing = dict(dels)
+        # what the slots and elements would be: worked out on copies, kept only once nft
+        # has taken the transaction
+        holders = {slot: dict(held) for slot, held in self._keys.items()}
+        users = dict(self._users)
+        gone: list[tuple[str, FlowTuple]] = []
+        for remap, have in dels:
+            for slot in _slots(remap, have):
+                held = holders.get(slot)
+                if held is not None:
+                    held.pop(remap, None)
+                    if not held:
+                        del holders[slot]
+            for lk in lookups(remap, have):
+                if lk.value is not None:
+                    element = (lk.map, lk.key)
+                    users[element] -= 1
+                    if not users[element]:
+                        del users[element]
+                        gone.append(element)
         adds: list[tuple[Remap, Direction]] = []
+        new: list[tuple[str, FlowTuple, Any]] = []
         for remap in dict.fromkeys(add):
             if not isinstance(remap, Remap):
                 raise RemapError(f"not a Remap: {remap!r}")
-            held = self._installed.get(remap, Direction(0)) & ~removing.get(remap, Direction(0))
-            want = direction & ~held
+            held_dirs = self._installed.get(remap, Direction(0)) & ~removing.get(remap,
+                                                                                  Direction(0))
+            want = direction & ~held_dirs
             if not want:
                 continue
             for slot in _slots(remap, want):
-                other = taken.get(slot) or (None if slot in freed else self._keys.get(slot))
-                if other is not None and other != remap:
-                    raise RemapError(
-                        f"remap {remap.describe()} clashes with {other.describe()}: their "
-                        f"packets look alike at {slot[0]}; remove one first")
-                taken[slot] = remap
+                held = holders.setdefault(slot, {})
+                for other in held:
+                    # One flow may arrive under two wire tuples at once (while its peer
+                    # learns of a move): on the way in, both lead to the flow's own tuple.
+                    if other != remap and not (slot[0].startswith("in")
+                                               and other.inner == remap.inner):
+                        raise RemapError(
+                            f"remap {remap.describe()} clashes with {other.describe()}: "
+                            f"their packets look alike at {slot[0]}; remove one first")
+                held[remap] = None
+            for lk in lookups(remap, want):
+                if lk.value is not None:
+                    element = (lk.map, lk.key)
+                    if not users.get(element):
+                        new.append((lk.map, lk.key, lk.value))
+                    users[element] = users.get(element, 0) + 1
             adds.append((remap, want))
         if not adds and not dels:
             return 0, 0
-        commands = element_commands("inet", self.table.name, adds, dels)
+        commands = _commands("inet", self.table.name, gone, new)
         if commands:
             self.transactions += 1
             try:
@@ -574,13 +622,10 @@ class FlowRemaps:
                 self._installed[remap] = left
             else:
                 del self._installed[remap]
-            self._elements -= _element_count(remap, have)
         for remap, want in adds:
             self._installed[remap] = self._installed.get(remap, Direction(0)) | want
-            self._elements += _element_count(remap, want)
-        for slot in freed:
-            self._keys.pop(slot, None)
-        self._keys.update(taken)
+        self._keys = holders
+        self._users = users
         self.added += len(adds)
         self.removed += len(dels)
         return len(adds), len(dels)
@@ -592,9 +637,12 @@ class FlowRemaps:
         found = self.read_back()
         for remap, direction in found.items():
             self._installed[remap] = direction
-            self._elements += _element_count(remap, direction)
             for slot in _slots(remap, direction):
-                self._keys[slot] = remap
+                self._keys.setdefault(slot, {})[remap] = None
+            for lk in lookups(remap, direction):
+                if lk.value is not None:
+                    element = (lk.map, lk.key)
+                    self._users[element] = self._users.get(element, 0) + 1
         return found
 
     # --- what is there -------------------------------------------------------------------------
@@ -635,14 +683,10 @@ class FlowRemaps:
             "remaps": len(self._installed),
             "inbound": inbound,
             "outbound": outbound,
-            "elements": self._elements,
+            "elements": len(self._users),
             "by_proto": by_proto,
             "added": self.added,
             "removed": self.removed,
             "transactions": self.transactions,
             "failed_transactions": self.failed,
         }
-
-
-def _element_count(remap: Remap, direction: Direction) -> int:
-    return sum(lk.value is not None for lk in lookups(remap, direction))

@@ -59,6 +59,7 @@ HELLO_RETRY = (0.25, 0.5, 1.0, 2.0)  # seconds between HELLO attempts; then no s
 NO_SACIP_RETRY = 30.0  # how often a peer found without sacip is tried again
 NOTICE_RETRY = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # then the move has failed
 ASSOCIATION_IDLE = 600.0  # an association without sessions is forgotten after this
+INBOUND_GRACE = 5.0  # seconds an old wire tuple is still let in after a move
 NOTICE_RATE = 20.0  # notices per second a peer may send (token bucket) ...
 NOTICE_BURST = 40.0  # ... with this burst
 MAX_ASSOCIATIONS = 4  # per peer: crossing handshakes, replayed HELLOs
@@ -146,6 +147,9 @@ class _Session:
     moves: int = 0
     old_keys: list[tuple[str, str, int, str, int]] = field(default_factory=list)
     holds_local: bool = False  # it keeps its socket address on lo
+    # inbound remaps of earlier wire tuples, kept while packets may still arrive under them
+    # (expiry time; None: until the move in progress is confirmed)
+    inbound_extra: dict[Remap, float | None] = field(default_factory=dict)
 
     def target(self) -> Remap | None:
         """The remap the current wire addresses call for (None: the wire is the socket's)."""
@@ -299,6 +303,9 @@ class SacipEngine:
                                  (Direction.OUTBOUND, session.outbound)):
             if remap is not None:
                 self._out.append(Remaps((), (remap,), direction))
+        if session.inbound_extra:
+            self._out.append(Remaps((), tuple(session.inbound_extra), Direction.INBOUND))
+            session.inbound_extra.clear()
         if session.holds_local:
             session.holds_local = False
             self._release(session.flow.local)
@@ -541,19 +548,21 @@ class SacipEngine:
         # 1. the inbound half first: packets to `new` reach the sockets from now on. The
         # session is found under its new wire tuple too (a notice of the peer may cross
         # ours); the old one is dropped once the peer has confirmed.
-        adds, removes = [], []
+        adds: list[Remap] = []
         for session in sessions:
             session.old_keys.append(session.wire_key())
             session.wire_local = new
             self.by_wire[session.wire_key()] = session
             target = session.target()
             if session.inbound is not None and session.inbound != target:
-                removes.append(session.inbound)
+                # the peer still sends to the old wire tuple until it knows
+                session.inbound_extra[session.inbound] = None
             if target is not None and target != session.inbound:
+                session.inbound_extra.pop(target, None)
                 adds.append(target)
             session.inbound = target
-        if adds or removes:
-            self._out.append(Remaps(tuple(adds), tuple(removes), Direction.INBOUND))
+        if adds:
+            self._out.append(Remaps(tuple(adds), (), Direction.INBOUND))
         # 2. the notice(s), from the new address
         items = [wire.Session(PROTO_NUMBERS[s.flow.proto], s.flow.local_port, s.flow.peer_port)
                  for s in sessions]
@@ -611,6 +620,8 @@ class SacipEngine:
             if target is not None and target != session.outbound:
                 adds.append(target)
             session.outbound = target
+            for extra in session.inbound_extra:
+                session.inbound_extra[extra] = now + INBOUND_GRACE
             self._drop_old_keys(session)
             session.moving = False
             session.moves += 1
@@ -691,7 +702,9 @@ class SacipEngine:
         del self.challenges[key]
         notice = challenge.notice
         results = []
-        adds, removes = [], []
+        in_adds: list[Remap] = []
+        out_adds: list[Remap] = []
+        out_removes: list[Remap] = []
         for item in notice.sessions:
             proto = PROTO_NAMES.get(item.proto, "")
             session = self.by_wire.get((proto, notice.receiver, item.receiver_port,
@@ -704,16 +717,25 @@ class SacipEngine:
             del self.by_wire[old_key]
             self.by_wire[session.wire_key()] = session
             target = session.target()
-            for remap in {session.inbound, session.outbound}:
-                if remap is not None and remap != target:
-                    removes.append(remap)
+            # Outbound switches now; inbound keeps the old wire tuple a while (the mover's
+            # packets still in flight, or sent before our ACK reached it).
+            if session.outbound is not None and session.outbound != target:
+                out_removes.append(session.outbound)
+            if session.inbound is not None and session.inbound != target:
+                session.inbound_extra[session.inbound] = now + INBOUND_GRACE
             if target is not None:
-                adds.append(target)
+                session.inbound_extra.pop(target, None)
+                if target != session.inbound:
+                    in_adds.append(target)
+                if target != session.outbound:
+                    out_adds.append(target)
             session.inbound = session.outbound = target
             session.moves += 1
             results.append(wire.MOVED)
-        if adds or removes:
-            self._out.append(Remaps(tuple(adds), tuple(dict.fromkeys(removes)), Direction.BOTH))
+        if in_adds:
+            self._out.append(Remaps(tuple(in_adds), (), Direction.INBOUND))
+        if out_adds or out_removes:
+            self._out.append(Remaps(tuple(out_adds), tuple(out_removes), Direction.OUTBOUND))
         # The peer is found at its new address from now on (and still at the old one for
         # sessions that did not move with it).
         self.peers[notice.new] = peer
@@ -735,6 +757,8 @@ class SacipEngine:
         times += [m.next_try for m in self.moves.values()]
         times += [c.next_try for c in self.challenges.values()]
         times += [since + self.config.move_timeout for since, _ in self.pending.values()]
+        times += [t for s in self.sessions_by_flow.values() for t in s.inbound_extra.values()
+                  if t is not None]
         return min(times, default=None)
 
     def handle_timer(self, now: float) -> None:
@@ -770,6 +794,14 @@ class SacipEngine:
             if challenge.next_try <= now:
                 del self.challenges[key]
                 self._count("challenges_unanswered", challenge.peer)
+        expired = []
+        for session in self.sessions_by_flow.values():
+            for remap, until in list(session.inbound_extra.items()):
+                if until is not None and until <= now:
+                    del session.inbound_extra[remap]
+                    expired.append(remap)
+        if expired:
+            self._out.append(Remaps((), tuple(expired), Direction.INBOUND))
         for old, (since, sessions) in list(self.pending.items()):
             if since + self.config.move_timeout <= now:
                 del self.pending[old]

@@ -13,6 +13,7 @@ from ipshift.sacip import wire
 from ipshift.sacip.config import PinnedPeer, SacipConfig
 from ipshift.sacip.crypto import Identity
 from ipshift.sacip.engine import (
+    INBOUND_GRACE,
     Flow,
     KeepAddress,
     ReleaseAddress,
@@ -148,8 +149,8 @@ def test_a_move_installs_mover_inbound_then_peer_then_mover_outbound(
 
         h.drain = drain  # type: ignore[method-assign]
     move(net, mover, OLD, NEW)
-    assert order == [("mover", Direction.INBOUND), ("peer", Direction.BOTH),
-                     ("mover", Direction.OUTBOUND)]
+    assert order == [("mover", Direction.INBOUND), ("peer", Direction.INBOUND),
+                     ("peer", Direction.OUTBOUND), ("mover", Direction.OUTBOUND)]
     assert KeepAddress(OLD) in mover.log
     expected_mover = Remap("tcp", OLD, 40000, SERVER, 22, new_local=NEW)
     expected_peer = Remap("tcp", SERVER, 22, OLD, 40000, new_peer=NEW)
@@ -169,11 +170,17 @@ def test_a_second_move_replaces_the_remap_rather_than_chaining(
     final_mover = Remap("tcp", OLD, 40000, SERVER, 22, new_local=NEWER)
     first_mover = Remap("tcp", OLD, 40000, SERVER, 22, new_local=NEW)
     last_in, last_out = remaps_of(mover)[-2], remaps_of(mover)[-1]
-    assert last_in == Remaps((final_mover,), (first_mover,), Direction.INBOUND)
+    # the earlier wire tuple is still let in while the peer may send to it ...
+    assert last_in == Remaps((final_mover,), (), Direction.INBOUND)
     assert last_out == Remaps((final_mover,), (first_mover,), Direction.OUTBOUND)
-    last_peer = remaps_of(peer)[-1]
-    assert last_peer.add == (Remap("tcp", SERVER, 22, OLD, 40000, new_peer=NEWER),)
-    assert last_peer.remove == (Remap("tcp", SERVER, 22, OLD, 40000, new_peer=NEW),)
+    final_peer = Remap("tcp", SERVER, 22, OLD, 40000, new_peer=NEWER)
+    first_peer = Remap("tcp", SERVER, 22, OLD, 40000, new_peer=NEW)
+    assert remaps_of(peer)[-2:] == [Remaps((final_peer,), (), Direction.INBOUND),
+                                    Remaps((final_peer,), (first_peer,), Direction.OUTBOUND)]
+    # ... and no longer after the grace time: one remap per session and direction
+    net.tick(INBOUND_GRACE + 0.1)
+    assert remaps_of(mover)[-1] == Remaps((), (first_mover,), Direction.INBOUND)
+    assert remaps_of(peer)[-1] == Remaps((), (first_peer,), Direction.INBOUND)
     # the old address stays kept once, not once per move
     assert [a for a in mover.log if isinstance(a, KeepAddress)] == [KeepAddress(OLD)]
 
