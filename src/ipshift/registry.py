@@ -34,7 +34,8 @@ COMPONENTS: tuple[Component, ...] = (
               "a lookup that dials a demand link, without and with ip_resend",
               "bench.bench_resend"),
     Component("sacip", "sessions that survive address changes at either end",
-              "ipshift.sacip.cli"),
+              "ipshift.sacip.cli", "ipshift.sacip.demo",
+              "an ssh session kept across two moves of its client", "bench.bench_sacip"),
 )
 
 #: Commands that are not components, before and after the components in `ipshift --help`.

@@ -1,4 +1,4 @@
-"""sacip on real kernels, with real programs: mover - router - peer.
+"""sacip on real kernels, with real programs: mover - router - peer (ipshift.lab.sacip_site).
 
     mover ==wired (mw/rw: 192.0.2.0/26, .64/26, .128/26; 2001:db8:1::/64, 2::/64)== router
     mover ==wifi  (mf/rf: 198.51.100.0/26; 2001:db8:3::/64)========================== router
@@ -12,127 +12,38 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from ipshift.lab import Lab, LabProcess, Node
+from ipshift.lab import Lab
+from ipshift.lab.sacip_site import (
+    NOSACIP4,
+    PEER4,
+    WAIT,
+    SacipSite,
+    Stream,
+    UdpFlow,
+    build_site,
+    move_break_before_make,
+    move_make_before_break,
+    move_to_wifi,
+)
 from ipshift.sacip.engine import INBOUND_GRACE
 from tests.netns.conftest import need
 
 pytestmark = pytest.mark.netns
 
-SACIP = [sys.executable, "-m", "ipshift", "sacip"]
-PEER4, PEER6 = "203.0.113.5", "2001:db8:9::5"
-NOSACIP4 = "203.0.113.6"
-# per family: (address on the wired link, its gateway), in the order the mover moves through
-WIRED = {4: [("192.0.2.10/26", "192.0.2.1/26"), ("192.0.2.70/26", "192.0.2.65/26"),
-             ("192.0.2.130/26", "192.0.2.129/26")],
-         6: [("2001:db8:1::10/64", "2001:db8:1::1/64"), ("2001:db8:2::10/64", "2001:db8:2::1/64"),
-             ("2001:db8:4::10/64", "2001:db8:4::1/64")]}
-SAME_SUBNET = {4: "192.0.2.11/26", 6: "2001:db8:1::11/64"}
-WIFI = {4: ("198.51.100.10/26", "198.51.100.1/26"), 6: ("2001:db8:3::10/64", "2001:db8:3::1/64")}
-ECHO_PORT, UDP_PORT = 7000, 7001
-WAIT = 15.0  # the longest any wait here takes
-STALL_LIMIT = 5.0  # a session that does not move on within this is taken as dead
-
-
-def bare(cidr: str) -> str:
-    return cidr.split("/")[0]
-
-
-def peer_of(family: int) -> str:
-    return PEER4 if family == 4 else PEER6
-
-
-@dataclass
-class Site:
-    lab: Lab
-    mover: Node
-    router: Node
-    peer: Node
-    peer2: Node
-    workdir: Path
-    daemons: dict[str, LabProcess] = field(default_factory=dict)
-
-    def socket(self, node: Node) -> str:
-        return str(self.workdir / f"{node.name}.sock")
-
-    def start(self, node: Node, *extra: str) -> LabProcess:
-        state = self.workdir / node.name
-        state.mkdir(exist_ok=True)
-        proc = node.spawn([*SACIP, "run", "--socket", self.socket(node),
-                           "--identity", str(state / "id.key"),
-                           "--known-peers", str(state / "known.json"),
-                           "--scan-interval", "0.2", "--no-syslog", "-v", *extra],
-                          name=f"sacip-{node.name}")
-        proc.wait_ready("sacip up", 20, f"sacip on {node.name}")
-        self.daemons[node.name] = proc
-        return proc
-
-    def status(self, node: Node) -> dict[str, Any]:
-        res = node.run([*SACIP, "status", "--socket", self.socket(node), "--json"])
-        doc: dict[str, Any] = json.loads(res.stdout)
-        return doc
-
-    def wait_ready(self, node: Node, sessions: int) -> None:
-        """Until `node`'s daemon follows `sessions` sessions with every peer greeted."""
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            doc = self.status(node)
-            peers = doc.get("peers", [])
-            if len(doc.get("sessions", [])) >= sessions and peers and all(
-                    p["state"] in ("ready", "no-sacip") for p in peers):
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"{node.name} never got ready: {self.status(node)}")
-
-    def wait_moved(self, node: Node, moved: int) -> dict[str, Any]:
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            doc = self.status(node)
-            if doc["moved"] + doc["not_preservable"] >= moved and not doc["pending"]:
-                return doc
-            time.sleep(0.1)
-        raise AssertionError(f"{node.name}: no move finished: {self.status(node)}")
-
-
-def build(lab: Lab, workdir: Path) -> Site:
-    mover, router = lab.host("mover"), lab.router("router")
-    peer, peer2 = lab.host("peer"), lab.host("peer2")
-    lab.link(mover, router, [WIRED[4][0][0]], [gw for _a, gw in WIRED[4]],
-             name_a="mw", name_b="rw")
-    lab.link(mover, router, [], [WIFI[4][1]], name_a="mf", name_b="rf")
-    switch = lab.switch("lan")
-    lab.link(router, switch, ["203.0.113.1/24"], None, name_a="rp")
-    lab.link(peer, switch, [f"{PEER4}/24"], None, name_a="pr")
-    lab.link(peer2, switch, [f"{NOSACIP4}/24"], None, name_a="pr")
-    mover.ip_batch([f"addr add {WIRED[6][0][0]} dev mw nodad",
-                    f"route add default via {bare(WIRED[4][0][1])}",
-                    f"route add default via {bare(WIRED[6][0][1])}"])
-    router.ip_batch([f"addr add {gw} dev rw nodad" for _a, gw in WIRED[6]]
-                    + [f"addr add {WIFI[6][1]} dev rf nodad",
-                       "addr add 2001:db8:9::1/64 dev rp nodad"])
-    peer.ip_batch([f"addr add {PEER6}/64 dev pr nodad", "route add default via 203.0.113.1",
-                   "route add default via 2001:db8:9::1"])
-    peer2.ip_batch(["route add default via 203.0.113.1"])
-    return Site(lab, mover, router, peer, peer2, workdir)
-
-
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
+def site(tmp_path: Path) -> Iterator[SacipSite]:
     if os.geteuid() != 0:
         pytest.skip("needs root: builds network namespaces")
     with Lab("sacip") as lab:
-        built = build(lab, tmp_path)
+        built = build_site(lab, tmp_path)
         try:
             yield built
         finally:
@@ -144,201 +55,13 @@ def site(tmp_path: Path) -> Iterator[Site]:
             assert leftovers == ["", ""], leftovers
 
 
-# --- moves -----------------------------------------------------------------------------------
-def forget_subnet(site: Site, gateway: str) -> None:
-    """The router no longer has the old subnet: only a remap keeps a session alive."""
-    site.router.ip("addr", "del", gateway, "dev", "rw")
-
-
-def move_make_before_break(site: Site, family: int, step: int, *, same_subnet: bool,
-                           promote: bool) -> str:
-    """The seed's procedure: `ip addr add NEW`, `ip addr del OLD`."""
-    old, old_gw = WIRED[family][step]
-    new, new_gw = (SAME_SUBNET[family], old_gw) if same_subnet else WIRED[family][step + 1]
-    if family == 4:
-        site.mover.sysctl("net.ipv4.conf.mw.promote_secondaries", int(promote))
-    site.mover.ip_batch([f"addr add {new} dev mw" + (" nodad" if family == 6 else ""),
-                         f"route replace default via {bare(new_gw)}",
-                         f"addr del {old} dev mw"])
-    if not same_subnet:
-        forget_subnet(site, old_gw)
-    return bare(new)
-
-
-def move_break_before_make(site: Site, family: int, step: int, gap: float = 0.5) -> str:
-    """The old address is lost first (and its route with it); a new one comes `gap` later."""
-    old, old_gw = WIRED[family][step]
-    new, new_gw = WIRED[family][step + 1]
-    site.mover.ip_batch([f"addr del {old} dev mw"])
-    forget_subnet(site, old_gw)
-    time.sleep(gap)
-    site.mover.ip_batch([f"addr add {new} dev mw" + (" nodad" if family == 6 else ""),
-                         f"route replace default via {bare(new_gw)}"])
-    return bare(new)
-
-
-def move_to_wifi(site: Site, family: int) -> str:
-    old, old_gw = WIRED[family][0]
-    new, new_gw = WIFI[family]
-    site.mover.ip_batch([f"addr add {new} dev mf" + (" nodad" if family == 6 else ""),
-                         f"route replace default via {bare(new_gw)} dev mf",
-                         f"addr del {old} dev mw"])
-    forget_subnet(site, old_gw)
-    return bare(new)
-
-
-# --- traffic -----------------------------------------------------------------------------------
-class Stream:
-    """A TCP connection mover -> peer echo server (threads in this process, sockets in the
-    namespaces): numbered lines every 5 ms, each echoed back; `stop` says what came back."""
-
-    def __init__(self, site: Site, family: int, server: str | None = None) -> None:
-        fam = socket.AF_INET if family == 4 else socket.AF_INET6
-        host = server or peer_of(family)
-        server_node = site.peer if host in (PEER4, PEER6) else site.peer2
-
-        def listen() -> socket.socket:
-            s = socket.socket(fam, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((host, ECHO_PORT))
-            s.listen(1)
-            return s
-
-        self.listener = server_node.call(listen)
-
-        def connect() -> socket.socket:
-            c = socket.create_connection((host, ECHO_PORT), timeout=5)
-            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return c
-
-        self.client = site.mover.call(connect)
-        self.conn, _ = self.listener.accept()
-        self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.stopping = threading.Event()
-        self.sent = 0
-        self.echoed = b""
-        self.errors: list[str] = []
-        self.longest_gap = 0.0
-        self.threads = [threading.Thread(target=self._echo, daemon=True),
-                        threading.Thread(target=self._send, daemon=True),
-                        threading.Thread(target=self._receive, daemon=True)]
-        for t in self.threads:
-            t.start()
-
-    def _echo(self) -> None:
-        try:
-            while True:
-                data = self.conn.recv(65536)
-                if not data:
-                    return
-                self.conn.sendall(data)
-        except OSError as exc:
-            self.errors.append(f"server: {exc}")
-
-    def _send(self) -> None:
-        try:
-            while not self.stopping.is_set() and self.sent < 20000:
-                self.client.sendall(b"%08d\n" % self.sent)
-                self.sent += 1
-                time.sleep(0.005)
-        except OSError as exc:
-            self.errors.append(f"client send: {exc}")
-
-    def _receive(self) -> None:
-        last = time.monotonic()
-        self.client.settimeout(0.2)
-        while True:
-            try:
-                data = self.client.recv(65536)
-            except TimeoutError:
-                if self.stopping.is_set() and len(self.echoed) >= 9 * self.sent:
-                    return
-                if time.monotonic() - last > WAIT:
-                    return
-                continue
-            except OSError as exc:
-                self.errors.append(f"client receive: {exc}")
-                return
-            if not data:
-                return
-            now = time.monotonic()
-            self.longest_gap = max(self.longest_gap, now - last)
-            last = now
-            self.echoed += data
-
-    def echoed_since(self, count: int, timeout: float = STALL_LIMIT) -> bool:
-        """Do echoes arrive for `count` more lines within `timeout`?"""
-        target = len(self.echoed) + 9 * count
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if len(self.echoed) >= target:
-                return True
-            time.sleep(0.02)
-        return False
-
-    def stop(self) -> None:
-        self.stopping.set()
-        for t in self.threads[1:]:
-            t.join(WAIT)
-        for s in (self.client, self.conn, self.listener):
-            s.close()
-        self.threads[0].join(WAIT)
-
-    def assert_whole(self) -> None:
-        assert not self.errors, self.errors
-        expected = b"".join(b"%08d\n" % i for i in range(self.sent))
-        assert self.echoed == expected, (len(self.echoed), len(expected))
-
-
-class UdpFlow:
-    """A connected UDP flow: the mover's socket connected to the peer's, which connects back
-    on the first datagram (as a UDP application with sessions does)."""
-
-    def __init__(self, site: Site, family: int) -> None:
-        fam = socket.AF_INET if family == 4 else socket.AF_INET6
-        host = peer_of(family)
-
-        def server() -> socket.socket:
-            s = socket.socket(fam, socket.SOCK_DGRAM)
-            s.bind((host, UDP_PORT))
-            return s
-
-        self.server = site.peer.call(server)
-
-        def client() -> socket.socket:
-            c = socket.socket(fam, socket.SOCK_DGRAM)
-            c.connect((host, UDP_PORT))
-            return c
-
-        self.client = site.mover.call(client)
-        self.client.send(b"hello")
-        _data, address = self.server.recvfrom(100)
-        self.server.connect(address)
-
-    def exchange(self, rounds: int = 20) -> int:
-        """Datagrams that made the round trip out of `rounds`."""
-        ok = 0
-        for i in range(rounds):
-            self.client.send(b"ping %d" % i)
-            if select.select([self.server], [], [], 0.5)[0]:
-                self.server.send(self.server.recv(100))
-                if select.select([self.client], [], [], 0.5)[0]:
-                    self.client.recv(100)
-                    ok += 1
-        return ok
-
-    def close(self) -> None:
-        self.client.close()
-        self.server.close()
-
-
 # --- tests -----------------------------------------------------------------------------------
 PROCEDURES = ["mbb-promote", "mbb-other-subnet", "bbm", "other-interface"]
 
 
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("procedure", PROCEDURES)
-def test_tcp_and_udp_sessions_survive_a_move(site: Site, procedure: str, family: int) -> None:
+def test_tcp_and_udp_sessions_survive_a_move(site: SacipSite, procedure: str, family: int) -> None:
     if procedure == "mbb-promote" and family == 6:
         pytest.skip("promote_secondaries is IPv4's; IPv6 keeps other addresses anyway")
     site.start(site.mover)
@@ -370,7 +93,7 @@ def test_tcp_and_udp_sessions_survive_a_move(site: Site, procedure: str, family:
     stream.assert_whole()
 
 
-def test_repeated_moves_and_both_ends_keep_one_remap_per_session(site: Site) -> None:
+def test_repeated_moves_and_both_ends_keep_one_remap_per_session(site: SacipSite) -> None:
     site.start(site.mover)
     site.start(site.peer)
     stream = Stream(site, 4)
@@ -401,7 +124,7 @@ def test_repeated_moves_and_both_ends_keep_one_remap_per_session(site: Site) -> 
     stream.assert_whole()
 
 
-def test_an_ssh_session_keeps_running_commands_across_two_moves(site: Site) -> None:
+def test_an_ssh_session_keeps_running_commands_across_two_moves(site: SacipSite) -> None:
     need("sshd", "ssh", "ssh-keygen")
     keys = site.workdir / "ssh"
     keys.mkdir()
@@ -429,7 +152,7 @@ def test_an_ssh_session_keeps_running_commands_across_two_moves(site: Site) -> N
         site.wait_ready(site.mover, 1)
         move_make_before_break(site, 4, 0, same_subnet=False, promote=False)
         site.wait_moved(site.mover, 1)
-        move_to_wifi_after_first(site)
+        move_to_wifi(site, 4, step=1)
         site.wait_moved(site.mover, 2)
         assert ssh.wait(timeout=30) == 0, ssh.stderr()
     finally:
@@ -439,16 +162,7 @@ def test_an_ssh_session_keeps_running_commands_across_two_moves(site: Site) -> N
     assert ssh.stdout().splitlines() == [f"tick {i}" for i in range(1, ticks + 1)], lines[-4:]
 
 
-def move_to_wifi_after_first(site: Site) -> None:
-    """From the second wired address (after one move) to the Wi-Fi link."""
-    old, old_gw = WIRED[4][1]
-    new, new_gw = WIFI[4]
-    site.mover.ip_batch([f"addr add {new} dev mf", f"route replace default via "
-                         f"{bare(new_gw)} dev mf", f"addr del {old} dev mw"])
-    forget_subnet(site, old_gw)
-
-
-def test_iperf3_stream_across_a_move(site: Site) -> None:
+def test_iperf3_stream_across_a_move(site: SacipSite) -> None:
     need("iperf3")
     site.start(site.mover)
     site.start(site.peer)
@@ -475,7 +189,7 @@ def test_iperf3_stream_across_a_move(site: Site) -> None:
         server.stop()
 
 
-def test_a_peer_without_sacip_is_reported_and_reset_when_asked(site: Site) -> None:
+def test_a_peer_without_sacip_is_reported_and_reset_when_asked(site: SacipSite) -> None:
     site.start(site.mover, "--reset-unpreservable")
     stream = Stream(site, 4, server=NOSACIP4)
     try:
@@ -497,7 +211,7 @@ def test_a_peer_without_sacip_is_reported_and_reset_when_asked(site: Site) -> No
         stream.stop()
 
 
-def test_forged_and_replayed_notices_move_nothing(site: Site) -> None:
+def test_forged_and_replayed_notices_move_nothing(site: SacipSite) -> None:
     from scapy.layers.inet import IP, UDP
     from scapy.utils import rdpcap
 
@@ -552,7 +266,7 @@ def test_forged_and_replayed_notices_move_nothing(site: Site) -> None:
     stream.assert_whole()
 
 
-def test_a_restarted_daemon_keeps_the_moved_sessions(site: Site) -> None:
+def test_a_restarted_daemon_keeps_the_moved_sessions(site: SacipSite) -> None:
     site.start(site.mover)
     site.start(site.peer)
     stream = Stream(site, 4)
@@ -577,7 +291,7 @@ def test_a_restarted_daemon_keeps_the_moved_sessions(site: Site) -> None:
     stream.assert_whole()
 
 
-def test_a_strict_router_drops_the_moved_session(site: Site) -> None:
+def test_a_strict_router_drops_the_moved_session(site: SacipSite) -> None:
     """The documented limit: a router whose conntrack refuses TCP it did not see start
     (nf_conntrack_tcp_loose=0, invalid packets dropped) drops the remapped session."""
     site.router.sysctl("net.netfilter.nf_conntrack_tcp_loose", 0)
@@ -595,3 +309,66 @@ def test_a_strict_router_drops_the_moved_session(site: Site) -> None:
         assert not stream.echoed_since(10, timeout=3.0)  # ... the router drops the session
     finally:
         stream.stop()
+
+
+def test_pmtu_errors_about_a_moved_session_reach_its_socket(site: SacipSite) -> None:
+    """After the move a router on the path needs smaller packets: its "fragmentation needed"
+    goes to the new address and quotes the new tuple; mapped back, the socket lowers its
+    path MTU and the stream goes on (otherwise: a black hole)."""
+    site.start(site.mover)
+    site.start(site.peer)
+
+    def listen() -> socket.socket:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((PEER4, 7300))
+        s.listen(1)
+        return s
+
+    listener = site.peer.call(listen)
+    client = site.mover.call(lambda: socket.create_connection((PEER4, 7300), timeout=5))
+    server, _ = listener.accept()
+    received = [0]
+    stopping = [False]
+
+    def drain() -> None:
+        server.settimeout(0.2)
+        while not stopping[0]:
+            try:
+                data = server.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            received[0] += len(data)
+
+    def pump() -> None:
+        deadline = time.monotonic() + 40
+        try:
+            while not stopping[0] and time.monotonic() < deadline:
+                client.sendall(b"x" * 1400)
+                time.sleep(0.002)
+        except OSError:
+            pass
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (drain, pump)]
+    for t in threads:
+        t.start()
+    try:
+        site.wait_ready(site.mover, 1)
+        move_make_before_break(site, 4, 0, same_subnet=False, promote=False)
+        site.wait_moved(site.mover, 1)
+        site.router.ip("link", "set", "rp", "mtu", "1280")
+        time.sleep(1.0)
+        before = received[0]
+        time.sleep(2.0)
+        assert received[0] - before > 200_000, (before, received[0])
+        assert site.status(site.mover)["icmp_errors"]["mapped"] >= 1
+    finally:
+        stopping[0] = True
+        for t in threads:
+            t.join(5)
+        for s in (client, server, listener):
+            s.close()

@@ -186,3 +186,29 @@ def test_resend_unit(tmp_path: Path) -> None:
             manager.close()
             if proc.running():
                 proc.stop()
+
+
+def test_sacip_unit(tmp_path: Path) -> None:
+    with Lab("unit-sacip") as lab:
+        a, b = lab.host("a"), lab.host("b")
+        lab.link(a, b, "192.0.2.1/24", "192.0.2.2/24")
+        etc = tmp_path / "etc"
+        (etc / "sacip").mkdir(parents=True)
+        (etc / "sacip" / "main.conf").write_text("SACIP_OPTIONS=--scan-interval 0.5\n")
+        state = tmp_path / "state"
+        state.mkdir(mode=0o700)
+        proc, manager, run_dir = run_unit(a, "ipshift-sacip@.service", "main", tmp_path, etc,
+                                          {"STATE_DIRECTORY": str(state)})
+        try:
+            manager.wait_for("READY=1", 20)
+            doc = request(run_dir / "sacip-main.sock", "status")
+            assert doc["daemon"]["component"] == "sacip" and doc["daemon"]["name"] == "main"
+            assert (state / "sacip.key").stat().st_mode & 0o077 == 0  # made on first start
+            assert "ipshift_sacip_main" in a.run(["nft", "list", "tables"]).stdout
+            assert stop_like_systemd(proc, "ipshift-sacip@.service") == 0, proc.stderr()
+            assert "ipshift_sacip_main" not in a.run(["nft", "list", "tables"]).stdout
+            assert "IPSHIFT-sacip" not in a.run(["iptables", "-t", "mangle", "-S"]).stdout
+        finally:
+            manager.close()
+            if proc.running():
+                proc.stop()

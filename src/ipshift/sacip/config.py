@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,12 @@ from typing import Any
 from ipshift.sacip.wire import PORT
 
 DEFAULT_STATE_DIR = Path("/var/lib/ipshift")
+
+
+def state_dir() -> Path:
+    """Where the identity and the known peers live: systemd's StateDirectory when it runs
+    the daemon ($STATE_DIRECTORY), else /var/lib/ipshift."""
+    return Path(os.environ.get("STATE_DIRECTORY", "").split(":")[0] or DEFAULT_STATE_DIR)
 TRUST_MODES = ("tofu", "pinned")
 _KEYS = ("port", "identity", "known_peers", "trust", "reset_unpreservable", "scan_interval",
          "move_timeout", "exclude", "icmp_queue", "peer")
@@ -48,8 +55,8 @@ class PinnedPeer:
 class SacipConfig:
     name: str = "default"  # the instance name (one daemon per namespace, normally)
     port: int = PORT
-    identity: Path = DEFAULT_STATE_DIR / "sacip.key"
-    known_peers: Path = DEFAULT_STATE_DIR / "sacip-known.json"
+    identity: Path = field(default_factory=lambda: state_dir() / "sacip.key")
+    known_peers: Path = field(default_factory=lambda: state_dir() / "sacip-known.json")
     trust: str = "tofu"
     reset_unpreservable: bool = False
     scan_interval: float = 1.0

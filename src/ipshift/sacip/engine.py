@@ -35,6 +35,7 @@ reset at once with `reset_unpreservable`).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import ipaddress
 import os
@@ -66,6 +67,7 @@ MAX_ASSOCIATIONS = 4  # per peer: crossing handshakes, replayed HELLOs
 ANSWERED_KEPT = 4096  # HELLOs remembered as answered (a replay of one is ignored)
 HANDSHAKE_RATE = 50.0  # handshakes per second answered, from everyone together
 HANDSHAKE_BURST = 100.0
+STATUS_SESSIONS = 200  # sessions listed in status (all are counted)
 PROTO_NAMES = {6: "tcp", 17: "udp"}
 PROTO_NUMBERS = {"tcp": 6, "udp": 17}
 
@@ -199,6 +201,7 @@ class _Move:
     tries: int = 0
     next_try: float = 0.0
     started: float = 0.0
+    gone_at: float = 0.0  # when `old` left its interface
 
 
 @dataclass
@@ -232,6 +235,8 @@ class SacipEngine:
         self.counters: dict[str, int] = {}
         self.moved_total = 0
         self.lost_total = 0
+        # seconds from an address going to its sessions' confirmed move, the latest first
+        self.move_seconds: collections.deque[float] = collections.deque(maxlen=100)
         self._seq = int.from_bytes(rng(2), "big")
         self._answered: dict[bytes, None] = {}  # ephemeral keys of HELLOs answered lately
         self._handshake_tokens = HANDSHAKE_BURST
@@ -536,6 +541,7 @@ class SacipEngine:
         sessions = [s for s in entry[1] if s.wire_peer == peer_address]
         if not sessions:
             return
+        gone_at = entry[0]
         entry[1].difference_update(sessions)
         if not entry[1]:
             del self.pending[old]
@@ -572,7 +578,8 @@ class SacipEngine:
         for notice in notices:
             part = sessions[first:first + len(notice.sessions)]
             first += len(notice.sessions)
-            move = _Move(notice.seq, old, new, peer, part, notice, started=now)
+            move = _Move(notice.seq, old, new, peer, part, notice, started=now,
+                         gone_at=gone_at)
             self.moves[(peer_address, notice.seq)] = move
             self._send_notice(move, now)
 
@@ -630,6 +637,7 @@ class SacipEngine:
         self.moved_total += len(done)
         self._count("sessions_moved", peer, len(done))
         if done:
+            self.move_seconds.appendleft(now - move.gone_at)
             took = 1000 * (now - move.started)
             self._report("info", f"moved {len(done)} session(s) with {peer.address} from "
                                  f"{move.old} to {move.new} in {took:.1f} ms")
@@ -820,7 +828,8 @@ class SacipEngine:
     # --- status -------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         sessions = []
-        for session in sorted(self.sessions_by_flow.values(), key=lambda s: s.flow):
+        listed = sorted(self.sessions_by_flow.values(), key=lambda s: s.flow)[:STATUS_SESSIONS]
+        for session in listed:
             item: dict[str, Any] = {"flow": session.flow.describe()}
             if session.target() is not None:
                 wire_flow = dataclasses.replace(session.flow, local=session.wire_local,
@@ -842,6 +851,8 @@ class SacipEngine:
                           "name": self.pinned.get(peer.fingerprint or "", None),
                           "counters": dict(sorted(peer.counters.items()))})
         return {"fingerprint": self.identity.fingerprint, "sessions": sessions,
+                "sessions_total": len(self.sessions_by_flow),
+                "move_ms": [round(1000 * t, 2) for t in self.move_seconds],
                 "peers": peers, "kept": sorted(self.kept),
                 "pending": {old: len(s) for old, (_t, s) in self.pending.items()},
                 "moved": self.moved_total, "not_preservable": self.lost_total,
