@@ -70,6 +70,18 @@ class OwnedRecord:
             items.append(item)
             self.save()
 
+    def set_items(self, kind: str, items: Iterable[str]) -> None:
+        """What is held of `kind` is exactly `items` now (e.g. `LoAddresses(on_change=...)`:
+        `lambda owned: rt.record.set_items(LO_ADDRESS, owned)`)."""
+        wanted = sorted(set(items))
+        if wanted == sorted(self.current.get(kind, ())):
+            return
+        if wanted:
+            self.current[kind] = wanted
+        else:
+            self.current.pop(kind, None)
+        self.save()
+
     def discard(self, kind: str, item: str) -> None:
         items = self.current.get(kind)
         if items and item in items:

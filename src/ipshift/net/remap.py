@@ -442,31 +442,35 @@ def _walk_maps(
     pos = _ICMP_POS if kind == "icmp" else _PORT_POS
     order = _ORDER[(direction, kind)]
     stages = [(pos[f], maps[map_name(direction, version, kind, f)]) for f in order]
-    # undo[k]: tuple after stage k's rewrite -> tuple before it
-    undo: list[dict[FlowTuple, FlowTuple]] = []
+    # undo[k]: tuple after stage k's rewrite -> the tuples before it. Inbound, one flow may
+    # arrive under two wire tuples (while its peer learns of a move): both end at its own
+    # tuple, and the elements after they meet are shared.
+    shared = direction == "in"
+    undo: list[dict[FlowTuple, list[FlowTuple]]] = []
     for i, stage in stages:
-        back: dict[FlowTuple, FlowTuple] = {}
+        back: dict[FlowTuple, list[FlowTuple]] = {}
         for key, value in stage.items():
             after = _with(key, i, value)
-            if after in back:
+            if after in back and not shared:
                 raise RemapParseError(f"remap listing: two elements of {direction}{version} "
                                       "rewrite to the same tuple")
-            back[after] = key
+            back.setdefault(after, []).append(key)
         undo.append(back)
     starts = set()
     for k, (_, stage) in enumerate(stages):
         for key in stage:
-            current = key
+            currents = [key]
             for j in range(k - 1, -1, -1):
-                current = undo[j].get(current, current)
-            starts.add(current)
+                currents = [before for current in currents
+                            for before in undo[j].get(current, [current])]
+            starts.update(currents)
     used: set[tuple[int, FlowTuple]] = set()
     pairs = []
     for start in sorted(starts, key=repr):
         current = start
         for k, (i, stage) in enumerate(stages):
             if current in stage:
-                if (k, current) in used:
+                if (k, current) in used and not shared:
                     raise RemapParseError(f"remap listing: an element of {direction}{version} "
                                           "belongs to two flows")
                 used.add((k, current))

@@ -138,13 +138,8 @@ class ResendDaemon:
         self._conntrack = Conntrack(self.netns)
 
     def _record_lo(self, owned: frozenset[str]) -> None:
-        if self._rt is None:
-            return
-        for cidr in self._rt.record.items(LO_ADDRESS):
-            if cidr not in owned:
-                self._rt.record.discard(LO_ADDRESS, cidr)
-        for cidr in sorted(owned):
-            self._rt.record.add(LO_ADDRESS, cidr)
+        if self._rt is not None:
+            self._rt.record.set_items(LO_ADDRESS, owned)
 
     def _close_kernel(self) -> None:
         for sock in (self._out_sock, self._in_sock, *self._raw.values()):

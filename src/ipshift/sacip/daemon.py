@@ -302,15 +302,9 @@ class SacipService:
         self._diag = self._netlink = None
 
     def _record_lo(self, owned: frozenset[str]) -> None:
-        if self._rt is None:
-            return
-        for cidr in self._rt.record.items(LO_ADDRESS):
-            if cidr not in owned:
-                self._rt.record.discard(LO_ADDRESS, cidr)
-        for cidr in sorted(owned):
-            self._rt.record.add(LO_ADDRESS, cidr)
+        if self._rt is not None:
+            self._rt.record.set_items(LO_ADDRESS, owned)
 
-    # --- inputs ---------------------------------------------------------------------------
     def _now(self) -> float:
         assert self._loop is not None
         return self._loop.time()

@@ -233,7 +233,10 @@ def notices(seq_start: int, old: str, new: str, receiver: str,
 
 
 @dataclass(frozen=True)
-class Challenge:
+class _Cookie:
+    """A message of a notice's sequence number and a 16-byte cookie."""
+
+    KIND = 0
     seq: int
     cookie: bytes
 
@@ -242,20 +245,21 @@ class Challenge:
         _bytes(self.cookie, COOKIE_LEN, "cookie")
 
     def encode(self) -> bytes:
-        return _SEQ_COOKIE.pack(CHALLENGE, self.seq, self.cookie)
+        return _SEQ_COOKIE.pack(self.KIND, self.seq, self.cookie)
 
 
 @dataclass(frozen=True)
-class Response:
-    seq: int
-    cookie: bytes
+class Challenge(_Cookie):
+    """To the new address: prove you receive there (return routability)."""
 
-    def __post_init__(self) -> None:
-        _u(self.seq, 32, "seq")
-        _bytes(self.cookie, COOKIE_LEN, "cookie")
+    KIND = CHALLENGE
 
-    def encode(self) -> bytes:
-        return _SEQ_COOKIE.pack(RESPONSE, self.seq, self.cookie)
+
+@dataclass(frozen=True)
+class Response(_Cookie):
+    """From the new address: the challenge's cookie."""
+
+    KIND = RESPONSE
 
 
 @dataclass(frozen=True)
@@ -276,25 +280,25 @@ class Ack:
 
 
 @dataclass(frozen=True)
-class Ping:
+class _Nonce:
+    KIND = 0
     nonce: int
 
     def __post_init__(self) -> None:
         _u(self.nonce, 64, "nonce")
 
     def encode(self) -> bytes:
-        return _NONCE.pack(PING, self.nonce)
+        return _NONCE.pack(self.KIND, self.nonce)
 
 
 @dataclass(frozen=True)
-class Pong:
-    nonce: int
+class Ping(_Nonce):
+    KIND = PING
 
-    def __post_init__(self) -> None:
-        _u(self.nonce, 64, "nonce")
 
-    def encode(self) -> bytes:
-        return _NONCE.pack(PONG, self.nonce)
+@dataclass(frozen=True)
+class Pong(_Nonce):
+    KIND = PONG
 
 
 Inner = Notice | Challenge | Response | Ack | Ping | Pong
