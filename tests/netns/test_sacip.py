@@ -372,3 +372,30 @@ def test_pmtu_errors_about_a_moved_session_reach_its_socket(site: SacipSite) -> 
             t.join(5)
         for s in (client, server, listener):
             s.close()
+
+
+def test_both_ends_move_at_the_same_moment(site: SacipSite) -> None:
+    """The mover changes subnet (its old one forgotten by the router) while the peer changes
+    address within its own: each notice goes to the other's old address; the peer's old one
+    still reaches it, and that is enough for both moves to complete."""
+    site.start(site.mover)
+    site.start(site.peer)
+    stream = Stream(site, 4)
+    try:
+        site.wait_ready(site.mover, 1)
+        site.wait_ready(site.peer, 1)
+        site.peer.sysctl("net.ipv4.conf.pr.promote_secondaries", 1)
+        peer_move = threading.Thread(target=site.peer.ip_batch, args=([
+            "addr add 203.0.113.50/24 dev pr", "addr del 203.0.113.5/24 dev pr",
+            "route replace default via 203.0.113.1"],))
+        peer_move.start()
+        move_make_before_break(site, 4, 0, same_subnet=False, promote=False)
+        peer_move.join(10)
+        site.wait_moved(site.mover, 2)
+        site.wait_moved(site.peer, 2)
+        assert stream.echoed_since(40), (stream.errors, site.status(site.mover)["sessions"])
+        (session,) = site.status(site.mover)["sessions"]
+        assert "192.0.2.70:" in session["now"] and "203.0.113.50:7000" in session["now"]
+    finally:
+        stream.stop()
+    stream.assert_whole()

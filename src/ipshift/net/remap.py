@@ -563,24 +563,24 @@ class FlowRemaps:
             if have:
                 dels.append((remap, have))
         removing = dict(dels)
-        # what the slots and elements would be: worked out on copies, kept only once nft
-        # has taken the transaction
-        holders = {slot: dict(held) for slot, held in self._keys.items()}
-        users = dict(self._users)
+        # What the slots and elements would be, as changes to the current ones (kept apart
+        # until nft has taken the transaction; never a copy of everything installed).
+        slot_gone: dict[tuple[str, FlowTuple], set[Remap]] = {}
+        slot_new: dict[tuple[str, FlowTuple], dict[Remap, None]] = {}
+        users: dict[tuple[str, FlowTuple], int] = {}  # changed counts only
+
+        def count(element: tuple[str, FlowTuple]) -> int:
+            return users.get(element, self._users.get(element, 0))
+
         gone: list[tuple[str, FlowTuple]] = []
         for remap, have in dels:
             for slot in _slots(remap, have):
-                held = holders.get(slot)
-                if held is not None:
-                    held.pop(remap, None)
-                    if not held:
-                        del holders[slot]
+                slot_gone.setdefault(slot, set()).add(remap)
             for lk in lookups(remap, have):
                 if lk.value is not None:
                     element = (lk.map, lk.key)
-                    users[element] -= 1
+                    users[element] = count(element) - 1
                     if not users[element]:
-                        del users[element]
                         gone.append(element)
         adds: list[tuple[Remap, Direction]] = []
         new: list[tuple[str, FlowTuple, Any]] = []
@@ -593,8 +593,10 @@ class FlowRemaps:
             if not want:
                 continue
             for slot in _slots(remap, want):
-                held = holders.setdefault(slot, {})
-                for other in held:
+                leaving = slot_gone.get(slot, set())
+                holders = [r for r in self._keys.get(slot, ()) if r not in leaving]
+                holders += list(slot_new.get(slot, ()))
+                for other in holders:
                     # One flow may arrive under two wire tuples at once (while its peer
                     # learns of a move): on the way in, both lead to the flow's own tuple.
                     if other != remap and not (slot[0].startswith("in")
@@ -602,13 +604,13 @@ class FlowRemaps:
                         raise RemapError(
                             f"remap {remap.describe()} clashes with {other.describe()}: "
                             f"their packets look alike at {slot[0]}; remove one first")
-                held[remap] = None
+                slot_new.setdefault(slot, {})[remap] = None
             for lk in lookups(remap, want):
                 if lk.value is not None:
                     element = (lk.map, lk.key)
-                    if not users.get(element):
+                    if not count(element):
                         new.append((lk.map, lk.key, lk.value))
-                    users[element] = users.get(element, 0) + 1
+                    users[element] = count(element) + 1
             adds.append((remap, want))
         if not adds and not dels:
             return 0, 0
@@ -628,8 +630,20 @@ class FlowRemaps:
                 del self._installed[remap]
         for remap, want in adds:
             self._installed[remap] = self._installed.get(remap, Direction(0)) | want
-        self._keys = holders
-        self._users = users
+        for slot, leaving in slot_gone.items():
+            held = self._keys.get(slot)
+            if held is not None:
+                for remap in leaving:
+                    held.pop(remap, None)
+                if not held:
+                    del self._keys[slot]
+        for slot, arriving in slot_new.items():
+            self._keys.setdefault(slot, {}).update(arriving)
+        for element, users_now in users.items():
+            if users_now:
+                self._users[element] = users_now
+            else:
+                self._users.pop(element, None)
         self.added += len(adds)
         self.removed += len(dels)
         return len(adds), len(dels)

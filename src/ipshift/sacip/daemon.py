@@ -356,12 +356,18 @@ class SacipService:
         """For sessions waiting to move: the source the kernel would now use toward each
         peer (none yet in the gap of a break-before-make move)."""
         assert self.engine is not None and self._netlink is not None
-        for old, peer in self.engine.wanted_sources():
+        wanted = self.engine.wanted_sources()
+        if not wanted or self._watcher is None:
+            return
+        # an address kept on lo (ours) is no new home, even when the kernel offers it
+        usable = {str(ipaddress.ip_address(a.address)) for a in self._watcher.view.addresses()
+                  if self._movable(a)}
+        for old, peer in wanted:
             try:
                 route: Route = self._netlink.lookup(peer)
             except NetError:
                 continue
-            if route.src:
+            if route.src and str(ipaddress.ip_address(route.src)) in usable:
                 self.engine.source_for(old, peer, route.src, now)
 
     def _on_datagrams(self, sock: socket.socket) -> None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import heapq
 import ipaddress
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -148,6 +149,7 @@ class _Session:
     moving: bool = False
     moves: int = 0
     old_keys: list[tuple[str, str, int, str, int]] = field(default_factory=list)
+    old_keys_until: float | None = None  # earlier wire tuples still name it until then
     holds_local: bool = False  # it keeps its socket address on lo
     # inbound remaps of earlier wire tuples, kept while packets may still arrive under them
     # (expiry time; None: until the move in progress is confirmed)
@@ -201,7 +203,6 @@ class _Move:
     tries: int = 0
     next_try: float = 0.0
     started: float = 0.0
-    gone_at: float = 0.0  # when `old` left its interface
 
 
 @dataclass
@@ -230,14 +231,18 @@ class SacipEngine:
         self.by_index: dict[int, tuple[Association, _Peer]] = {}
         self.kept: dict[str, int] = {}  # address on lo -> sessions whose socket uses it
         self.pending: dict[str, tuple[float, set[_Session]]] = {}  # old -> (since, sessions)
-        self.moves: dict[tuple[str, int], _Move] = {}  # (peer address, seq) -> move
+        # (id of the peer, seq) -> move: the peer may move meanwhile
+        self.moves: dict[tuple[int, int], _Move] = {}
         self.challenges: dict[tuple[int, int], _Challenge] = {}  # (local index, seq)
         self.counters: dict[str, int] = {}
         self.moved_total = 0
         self.lost_total = 0
-        # seconds from an address going to its sessions' confirmed move, the latest first
+        # seconds from a new address being usable (at once in a make-before-break move) to
+        # the sessions' move confirmed, the latest first
         self.move_seconds: collections.deque[float] = collections.deque(maxlen=100)
         self._seq = int.from_bytes(rng(2), "big")
+        # (when, id, session): earlier wire tuples that stop counting then
+        self._grace: list[tuple[float, int, _Session]] = []
         self._answered: dict[bytes, None] = {}  # ephemeral keys of HELLOs answered lately
         self._handshake_tokens = HANDSHAKE_BURST
         self._handshake_at = now
@@ -267,22 +272,28 @@ class SacipEngine:
         """A full scan of the established sessions. New ones are followed (and their peer's
         daemon greeted); vanished ones lose their remaps and kept addresses."""
         current = set()
+        greet = set()
+        known = self.sessions_by_flow
         for flow in flows:
+            if flow in known:
+                current.add(flow)
+                continue
             if flow.proto not in PROTO_NUMBERS or self._ignored(flow):
                 continue
             current.add(flow)
-            if flow not in self.sessions_by_flow:
-                self._follow(_Session(flow, flow.local, flow.peer), now)
-        for flow in [f for f in self.sessions_by_flow if f not in current]:
-            self._forget(self.sessions_by_flow[flow])
-        for session in self.sessions_by_flow.values():
-            self._greet(session.wire_peer, now)
+            self._follow(_Session(flow, flow.local, flow.peer), now)
+            greet.add(flow.peer)
+        for flow in [f for f in known if f not in current]:
+            self._forget(known[flow])
+        for address in greet:
+            self._greet(address, now)
 
     def adopt(self, remap: Remap, now: float) -> None:
         """A remap found in the kernel at start (left by this daemon before a restart)."""
         flow = Flow(remap.proto, remap.local, remap.local_port, remap.peer, remap.peer_port)
         session = _Session(flow, remap.new_local, remap.new_peer, inbound=remap, outbound=remap)
         self._follow(session, now)
+        self._greet(session.wire_peer, now)  # the associations went with the old run
 
     def _ignored(self, flow: Flow) -> bool:
         peer = ipaddress.ip_address(flow.peer)
@@ -528,11 +539,12 @@ class SacipEngine:
                        for s in sessions})
 
     def source_for(self, old: str, peer_address: str, new: str, now: float) -> None:
-        """The kernel's source address toward `peer_address` now: move the sessions that
-        left `old` toward that peer to `new`."""
+        """The kernel's source address toward `peer_address` now, an address of an interface
+        (not one kept on lo): move the sessions that left `old` toward that peer to `new`
+        (which may be their sockets' own address again: the remap then goes)."""
         ip = ipaddress.ip_address(new)
         new = str(ip)
-        if (new == old or new in self.kept or ip.version != ipaddress.ip_address(old).version
+        if (new == old or ip.version != ipaddress.ip_address(old).version
                 or ip.is_link_local or ip.is_loopback or ip.is_multicast or ip.is_unspecified):
             return  # not a source a session can move to (e.g. IPv6 link-local in a gap)
         entry = self.pending.get(old)
@@ -541,7 +553,6 @@ class SacipEngine:
         sessions = [s for s in entry[1] if s.wire_peer == peer_address]
         if not sessions:
             return
-        gone_at = entry[0]
         entry[1].difference_update(sessions)
         if not entry[1]:
             del self.pending[old]
@@ -578,9 +589,8 @@ class SacipEngine:
         for notice in notices:
             part = sessions[first:first + len(notice.sessions)]
             first += len(notice.sessions)
-            move = _Move(notice.seq, old, new, peer, part, notice, started=now,
-                         gone_at=gone_at)
-            self.moves[(peer_address, notice.seq)] = move
+            move = _Move(notice.seq, old, new, peer, part, notice, started=now)
+            self.moves[(id(peer), notice.seq)] = move
             self._send_notice(move, now)
 
     def _next_seq(self, sessions: int) -> int:
@@ -599,7 +609,7 @@ class SacipEngine:
 
     def _challenge(self, challenge: wire.Challenge, peer: _Peer, association: Association,
                    arrived_on: str | None) -> None:
-        move = self.moves.get((peer.address, challenge.seq))
+        move = self.moves.get((id(peer), challenge.seq))
         if move is None:
             self._count("challenges_unexpected", peer)
             return
@@ -610,7 +620,7 @@ class SacipEngine:
                    peer.address, source=move.new)
 
     def _ack(self, ack: wire.Ack, peer: _Peer, now: float) -> None:
-        move = self.moves.pop((peer.address, ack.seq), None)
+        move = self.moves.pop((id(peer), ack.seq), None)
         if move is None or len(ack.results) != len(move.sessions):
             self._count("acks_unexpected", peer)
             return
@@ -628,8 +638,10 @@ class SacipEngine:
                 adds.append(target)
             session.outbound = target
             for extra in session.inbound_extra:
-                session.inbound_extra[extra] = now + INBOUND_GRACE
-            self._drop_old_keys(session)
+                session.inbound_extra[extra] = self._graced(session, now)
+            # A notice of the peer sent before it learned of this move still names the
+            # session by its old wire tuple (both ends moving at once): keep that a while.
+            session.old_keys_until = self._graced(session, now)
             session.moving = False
             session.moves += 1
         if adds or removes:
@@ -637,7 +649,7 @@ class SacipEngine:
         self.moved_total += len(done)
         self._count("sessions_moved", peer, len(done))
         if done:
-            self.move_seconds.appendleft(now - move.gone_at)
+            self.move_seconds.appendleft(now - move.started)
             took = 1000 * (now - move.started)
             self._report("info", f"moved {len(done)} session(s) with {peer.address} from "
                                  f"{move.old} to {move.new} in {took:.1f} ms")
@@ -649,6 +661,7 @@ class SacipEngine:
             if key != session.wire_key() and self.by_wire.get(key) is session:
                 del self.by_wire[key]
         session.old_keys.clear()
+        session.old_keys_until = None
 
     def _unpreservable(self, sessions: list[_Session], peer: _Peer | None, why: str) -> None:
         self.lost_total += len(sessions)
@@ -730,7 +743,7 @@ class SacipEngine:
             if session.outbound is not None and session.outbound != target:
                 out_removes.append(session.outbound)
             if session.inbound is not None and session.inbound != target:
-                session.inbound_extra[session.inbound] = now + INBOUND_GRACE
+                session.inbound_extra[session.inbound] = self._graced(session, now)
             if target is not None:
                 session.inbound_extra.pop(target, None)
                 if target != session.inbound:
@@ -759,14 +772,20 @@ class SacipEngine:
         self._seal(peer, association, wire.Ack(notice.seq, tuple(results)), notice.new)
 
     # --- timers -------------------------------------------------------------------------------
+    def _graced(self, session: _Session, now: float) -> float:
+        """When an earlier wire tuple of `session` stops counting (and its timer)."""
+        until = now + INBOUND_GRACE
+        heapq.heappush(self._grace, (until, id(session), session))
+        return until
+
     def next_timer(self) -> float | None:
         times = [p.next_try for p in self.peers.values()
                  if p.state in ("handshaking", "no-sacip") or p.initiator is not None]
         times += [m.next_try for m in self.moves.values()]
         times += [c.next_try for c in self.challenges.values()]
         times += [since + self.config.move_timeout for since, _ in self.pending.values()]
-        times += [t for s in self.sessions_by_flow.values() for t in s.inbound_extra.values()
-                  if t is not None]
+        if self._grace:
+            times.append(self._grace[0][0])
         return min(times, default=None)
 
     def handle_timer(self, now: float) -> None:
@@ -803,7 +822,14 @@ class SacipEngine:
                 del self.challenges[key]
                 self._count("challenges_unanswered", challenge.peer)
         expired = []
-        for session in self.sessions_by_flow.values():
+        due = []
+        while self._grace and self._grace[0][0] <= now:
+            due.append(heapq.heappop(self._grace)[2])
+        for session in dict.fromkeys(due):
+            if self.sessions_by_flow.get(session.flow) is not session:
+                continue  # gone meanwhile (its remaps went with it)
+            if session.old_keys_until is not None and session.old_keys_until <= now:
+                self._drop_old_keys(session)
             for remap, until in list(session.inbound_extra.items()):
                 if until is not None and until <= now:
                     del session.inbound_extra[remap]
@@ -828,7 +854,8 @@ class SacipEngine:
     # --- status -------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         sessions = []
-        listed = sorted(self.sessions_by_flow.values(), key=lambda s: s.flow)[:STATUS_SESSIONS]
+        listed = heapq.nsmallest(STATUS_SESSIONS, self.sessions_by_flow.values(),
+                                 key=lambda s: s.flow)
         for session in listed:
             item: dict[str, Any] = {"flow": session.flow.describe()}
             if session.target() is not None:

@@ -329,3 +329,32 @@ def test_many_sessions_move_in_one_go() -> None:
     assert mover.engine.moved_total == 2000 and peer.engine.moved_total == 2000
     notices = [s for who, s in net.sent if who == "mover" and s.source == NEW]
     assert len(notices) >= 2000 // wire.MAX_NOTICE_SESSIONS
+
+
+def test_both_ends_move_at_the_same_moment() -> None:
+    """Each notice goes to the other's old address; the mover's old one is no longer
+    reachable, the peer's still is. The peer learns first, then its own notice (resent to
+    where the mover is now) still names the session by the mover's old wire tuple."""
+    mover = host("mover", {OLD})
+    peer = host("peer", {SERVER})
+    net = Net(mover, peer)
+    mover.engine.sessions([MOVER_FLOW], net.now)
+    peer.engine.sessions([PEER_FLOW], net.now)
+    net.run()
+    net.dropped.add(OLD)  # the mover's old subnet is gone from the routers
+    mover.addresses = {NEW}
+    peer.addresses = {SERVER, "203.0.113.77"}  # its old address still reaches it
+    mover.engine.address_gone(OLD, net.now)
+    peer.engine.address_gone(SERVER, net.now)
+    mover.engine.source_for(OLD, SERVER, NEW, net.now)
+    peer.engine.source_for(SERVER, OLD, "203.0.113.77", net.now)
+    net.run()
+    for _ in range(10):
+        net.tick(0.2)
+    assert mover.engine.moved_total == 2 and peer.engine.moved_total == 2  # own + followed
+    want_mover = Remap("tcp", OLD, 40000, SERVER, 22, new_local=NEW, new_peer="203.0.113.77")
+    want_peer = Remap("tcp", SERVER, 22, OLD, 40000, new_local="203.0.113.77", new_peer=NEW)
+    installed_out = {h.name: [r for r in remaps_of(h) if r.direction & Direction.OUTBOUND][-1]
+                     for h in (mover, peer)}
+    assert want_mover in installed_out["mover"].add
+    assert want_peer in installed_out["peer"].add
