@@ -5,9 +5,15 @@ bench/bench_sacip.py and `ipshift demo sacip`.
     mover ==wired (mw/rw: 192.0.2.0/26, .64/26, .128/26; 2001:db8:1::/64, 2::/64)== router
     mover ==wifi  (mf/rf: 198.51.100.0/26; 2001:db8:3::/64)========================== router
     router -- lan switch -- peer (203.0.113.5, 2001:db8:9::5), peer2 (203.0.113.6: no sacip)
+    (the peer can move within its subnet or to 198.51.100.128/26, 2001:db8:a::/64: move_peer)
 
 After a move the router no longer has the mover's old subnet (its gateway address there is
-deleted), so a session only lives on if it is remapped.
+deleted), so a session only lives on if it is remapped. The router does not track connections
+until `router_firewall` gives it a stateful firewall, loose or strict (the documented limit).
+
+Real programs: `start_sshd` (OpenSSH on the peer, key login only) with `SshSession` (lines
+fed to a remote `read`/`echo` loop) or `Sshd.client_argv` for any command; `start_iperf3`;
+`Stream` (TCP echo, plain or MPTCP: `SacipSite.enable_mptcp`) and `UdpFlow` (connected UDP).
 
     with Lab("sacip") as lab:
         site = build_site(lab, workdir)
@@ -20,6 +26,7 @@ deleted), so a session only lives on if it is remapped.
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
 import sys
@@ -29,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ipshift.lab.topology import Lab, LabProcess, Node
+from ipshift.lab.topology import Lab, LabError, LabProcess, Node
 
 SACIP = [sys.executable, "-m", "ipshift", "sacip"]
 PEER4, PEER6 = "203.0.113.5", "2001:db8:9::5"
@@ -41,7 +48,14 @@ WIRED = {4: [("192.0.2.10/26", "192.0.2.1/26"), ("192.0.2.70/26", "192.0.2.65/26
              ("2001:db8:4::10/64", "2001:db8:4::1/64")]}
 SAME_SUBNET = {4: "192.0.2.11/26", 6: "2001:db8:1::11/64"}
 WIFI = {4: ("198.51.100.10/26", "198.51.100.1/26"), 6: ("2001:db8:3::10/64", "2001:db8:3::1/64")}
+# the peer's address and where it moves to: (its new address, the gateway there)
+PEER_HOME = {4: f"{PEER4}/24", 6: f"{PEER6}/64"}
+PEER_SAME_SUBNET = {4: ("203.0.113.50/24", "203.0.113.1/24"),
+                    6: ("2001:db8:9::50/64", "2001:db8:9::1/64")}
+PEER_OTHER_SUBNET = {4: ("198.51.100.130/26", "198.51.100.129/26"),
+                     6: ("2001:db8:a::5/64", "2001:db8:a::1/64")}
 ECHO_PORT, UDP_PORT = 7000, 7001
+SSH_PORT, IPERF_PORT = 2222, 5201
 WAIT = 15.0  # the longest any wait here takes
 STALL_LIMIT = 5.0  # a session that does not move on within this is taken as dead
 
@@ -105,6 +119,47 @@ class SacipSite:
             time.sleep(0.1)
         raise AssertionError(f"{node.name}: no move finished: {self.status(node)}")
 
+    def router_firewall(self, *, strict: bool) -> None:
+        """A stateful firewall on the router (nft table inet lab_firewall: `ct state invalid
+        drop` on forward). Loose, as routers are by default: conntrack picks up TCP it meets
+        mid-stream (`nf_conntrack_tcp_loose=1`), loose reverse-path check (`rp_filter=2`).
+        Strict, the documented limit: no mid-stream pickup (`nf_conntrack_tcp_loose=0`), strict
+        reverse-path check (`rp_filter=1`, and `fib saddr . iif oif missing drop` for IPv6)."""
+        rpf = "  fib saddr . iif oif missing counter drop\n" if strict else ""
+        # the mode before the table: conntrack starts tracking with the table, and a flow it
+        # picked up loosely in between would stay established
+        self.router.sysctl("net.netfilter.nf_conntrack_tcp_loose", 0 if strict else 1)
+        for conf in ("all", "default", "rw", "rf", "rp"):
+            self.router.sysctl(f"net.ipv4.conf.{conf}.rp_filter", 1 if strict else 2)
+        self.router.nft("table inet lab_firewall {\n"
+                        " chain prerouting {\n  type filter hook prerouting priority 0;\n"
+                        f"{rpf} }}\n"
+                        " chain forward {\n  type filter hook forward priority 0;\n"
+                        "  ct state invalid counter drop\n }\n}\n")
+
+    def enable_mptcp(self) -> None:
+        """MPTCP with the in-kernel path manager at both ends: `sysctl net.mptcp.enabled=1`,
+        `ip mptcp limits set subflow 2 add_addr_accepted 2`, no endpoints yet."""
+        for node in (self.mover, self.peer):
+            node.sysctl("net.mptcp.enabled", 1)
+            node.ip("mptcp", "limits", "set", "subflow", "2", "add_addr_accepted", "2")
+            node.ip("mptcp", "endpoint", "flush")
+
+    def mptcp_endpoint_add(self, node: Node, address: str, dev: str,
+                           flag: str = "subflow") -> None:
+        """`ip mptcp endpoint add ADDRESS dev DEV FLAG` (`subflow` on the client: it opens a
+        subflow from there; `signal` on the server: it announces the address)."""
+        node.ip("mptcp", "endpoint", "add", bare(address), "dev", dev, flag)
+
+    def mptcp_endpoint_delete(self, node: Node, address: str) -> None:
+        """`ip mptcp endpoint delete id ID` for ADDRESS's endpoint: its subflows close and the
+        other end is told (REMOVE_ADDR)."""
+        for endpoint in node.ip_json("mptcp", "endpoint", "show"):
+            if endpoint.get("address") == bare(address):
+                node.ip("mptcp", "endpoint", "delete", "id", str(endpoint["id"]))
+                return
+        raise LabError(f"{node.name} has no MPTCP endpoint {bare(address)}")
+
 
 def build_site(lab: Lab, workdir: Path) -> SacipSite:
     mover, router = lab.host("mover"), lab.router("router")
@@ -121,7 +176,9 @@ def build_site(lab: Lab, workdir: Path) -> SacipSite:
                     f"route add default via {bare(WIRED[6][0][1])}"])
     router.ip_batch([f"addr add {gw} dev rw nodad" for _a, gw in WIRED[6]]
                     + [f"addr add {WIFI[6][1]} dev rf nodad",
-                       "addr add 2001:db8:9::1/64 dev rp nodad"])
+                       "addr add 2001:db8:9::1/64 dev rp nodad",
+                       f"addr add {PEER_OTHER_SUBNET[4][1]} dev rp",
+                       f"addr add {PEER_OTHER_SUBNET[6][1]} dev rp nodad"])
     peer.ip_batch([f"addr add {PEER6}/64 dev pr nodad", "route add default via 203.0.113.1",
                    "route add default via 2001:db8:9::1"])
     peer2.ip_batch(["route add default via 203.0.113.1"])
@@ -150,10 +207,14 @@ def move_make_before_break(site: SacipSite, family: int, step: int, *, same_subn
 
 
 def move_break_before_make(site: SacipSite, family: int, step: int, gap: float = 0.5) -> str:
-    """The old address is lost first (and its route with it); a new one comes `gap` later."""
+    """The old address is lost first (and its route with it); a new one comes `gap` later:
+    `ip addr del OLD dev mw` (IPv4 drops the default route with it; for IPv6 also `ip route
+    del default via OLD_GW`, as a lost lease takes it), `gap` seconds, then `ip addr add NEW
+    dev mw` and `ip route replace default via NEW_GW`."""
     old, old_gw = WIRED[family][step]
     new, new_gw = WIRED[family][step + 1]
-    site.mover.ip_batch([f"addr del {old} dev mw"])
+    site.mover.ip_batch([f"addr del {old} dev mw"]
+                        + ([f"route del default via {bare(old_gw)}"] if family == 6 else []))
     forget_subnet(site, old_gw)
     time.sleep(gap)
     site.mover.ip_batch([f"addr add {new} dev mw" + (" nodad" if family == 6 else ""),
@@ -173,18 +234,35 @@ def move_to_wifi(site: SacipSite, family: int, step: int = 0) -> str:
     return bare(new)
 
 
+def move_peer(site: SacipSite, family: int, *, other_subnet: bool) -> str:
+    """The peer moves make-before-break (promote_secondaries on): `ip addr add NEW dev pr`,
+    `ip route replace default via GW`, `ip addr del 203.0.113.5/24|2001:db8:9::5/64 dev pr`.
+    Its old subnet stays routed (peer2 is on it)."""
+    old = PEER_HOME[family]
+    new, new_gw = (PEER_OTHER_SUBNET if other_subnet else PEER_SAME_SUBNET)[family]
+    if family == 4:
+        site.peer.sysctl("net.ipv4.conf.pr.promote_secondaries", 1)
+    site.peer.ip_batch([f"addr add {new} dev pr" + (" nodad" if family == 6 else ""),
+                        f"route replace default via {bare(new_gw)}",
+                        f"addr del {old} dev pr"])
+    return bare(new)
+
+
 # --- traffic -----------------------------------------------------------------------------------
 class Stream:
     """A TCP connection mover -> peer echo server (threads in this process, sockets in the
-    namespaces): numbered lines every 5 ms, each echoed back; `stop` says what came back."""
+    namespaces): numbered lines every 5 ms, each echoed back; `stop` says what came back.
+    With `mptcp`, both sockets are IPPROTO_MPTCP (see SacipSite.enable_mptcp)."""
 
-    def __init__(self, site: SacipSite, family: int, server: str | None = None) -> None:
+    def __init__(self, site: SacipSite, family: int, server: str | None = None, *,
+                 mptcp: bool = False) -> None:
         fam = socket.AF_INET if family == 4 else socket.AF_INET6
+        proto = socket.IPPROTO_MPTCP if mptcp else 0
         host = server or peer_of(family)
         server_node = site.peer if host in (PEER4, PEER6) else site.peer2
 
         def listen() -> socket.socket:
-            s = socket.socket(fam, socket.SOCK_STREAM)
+            s = socket.socket(fam, socket.SOCK_STREAM, proto)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, ECHO_PORT))
             s.listen(1)
@@ -193,7 +271,9 @@ class Stream:
         self.listener = server_node.call(listen)
 
         def connect() -> socket.socket:
-            c = socket.create_connection((host, ECHO_PORT), timeout=5)
+            c = socket.socket(fam, socket.SOCK_STREAM, proto)
+            c.settimeout(5)
+            c.connect((host, ECHO_PORT))
             c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return c
 
@@ -237,9 +317,12 @@ class Stream:
             try:
                 data = self.client.recv(65536)
             except TimeoutError:
-                if self.stopping.is_set() and len(self.echoed) >= 9 * self.sent:
+                quiet = time.monotonic() - last
+                # once stopping, wait for the echoes still due, but not on a dead session
+                if self.stopping.is_set() and (len(self.echoed) >= 9 * self.sent
+                                               or quiet > STALL_LIMIT):
                     return
-                if time.monotonic() - last > WAIT:
+                if quiet > WAIT:
                     return
                 continue
             except OSError as exc:
@@ -316,3 +399,119 @@ class UdpFlow:
     def close(self) -> None:
         self.client.close()
         self.server.close()
+
+
+# --- real programs ---------------------------------------------------------------------------
+SSH_ECHO_LOOP = 'while read -r line; do echo "$line"; done'
+
+
+@dataclass
+class Sshd:
+    """OpenSSH's sshd on the peer (both addresses, SSH_PORT): key login as root only, no
+    PAM, no passwords; `keys` holds its host key, the client key and the config."""
+
+    process: LabProcess
+    keys: Path
+
+    def client_argv(self, command: str, family: int = 4) -> list[str]:
+        """`ssh` to the peer as root with the generated key, running `command`."""
+        return ["ssh", "-i", str(self.keys / "client"), "-p", str(SSH_PORT),
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "BatchMode=yes", f"root@{peer_of(family)}", command]
+
+    def stop(self) -> int:
+        return self.process.stop()
+
+
+def start_sshd(site: SacipSite, keys: Path) -> Sshd:
+    """Generate a host key and a client key into `keys` (a new directory), write the config
+    there and start `sshd -D -e -f CONFIG` in the peer; returns once it listens."""
+    keys.mkdir()
+    site.peer.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "host")])
+    site.mover.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "client")])
+    (keys / "authorized_keys").write_text((keys / "client.pub").read_text())
+    config = keys / "sshd_config"
+    # StrictModes off: the key files live in a temporary directory, not a home directory
+    config.write_text(f"ListenAddress {PEER4}\nListenAddress {PEER6}\nPort {SSH_PORT}\n"
+                      f"HostKey {keys / 'host'}\nAuthorizedKeysFile {keys / 'authorized_keys'}\n"
+                      "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+                      "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+                      "PidFile none\n")
+    os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
+    process = site.peer.spawn(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], name="sshd")
+    try:
+        site.peer.wait_listening(SSH_PORT)
+    except LabError:
+        process.stop()
+        raise LabError(f"sshd did not start: {process.stderr().strip()[-300:]}") from None
+    return Sshd(process, keys)
+
+
+class SshSession:
+    """An ssh session from the mover running a `read`/`echo` loop on the peer; its stdin is a
+    FIFO this object writes lines into, so a test sends a line and waits for its echo."""
+
+    def __init__(self, site: SacipSite, sshd: Sshd, family: int = 4) -> None:
+        fifo = sshd.keys / f"stdin-{len(list(sshd.keys.glob('stdin-*')))}"
+        os.mkfifo(fifo)
+        # read-write: opening does not wait for the reader, and closing it is the EOF
+        self._stdin: int | None = os.open(fifo, os.O_RDWR)
+        self.process = site.mover.spawn(
+            ["sh", "-c", 'exec "$@" < "$0"', str(fifo),
+             *sshd.client_argv(SSH_ECHO_LOOP, family)], name=f"ssh-{family}")
+
+    def send(self, line: str) -> None:
+        assert self._stdin is not None, "the session's input is closed"
+        os.write(self._stdin, line.encode() + b"\n")
+
+    def echoed(self, line: str, timeout: float = WAIT) -> bool:
+        """Has `line` come back (within `timeout`)?"""
+        return self.process.wait_for_output(line + "\n", timeout, stream="stdout")
+
+    def close(self) -> int:
+        """End the input (the remote loop ends, ssh exits); the exit status."""
+        if self._stdin is not None:
+            os.close(self._stdin)
+            self._stdin = None
+        try:
+            return self.process.wait(timeout=WAIT)
+        finally:
+            self.process.stop()
+
+
+@dataclass
+class Iperf3:
+    """A one-off iperf3 server on the peer and its client on the mover."""
+
+    server: LabProcess
+    client: LabProcess
+    seconds: int
+
+    def report(self) -> dict[str, Any]:
+        """The client's JSON report, once it has finished (it must succeed)."""
+        status = self.client.wait(timeout=self.seconds + 30)
+        if status != 0:
+            raise LabError(f"iperf3 client exited {status}: {self.client.stdout()[-500:]}")
+        doc: dict[str, Any] = json.loads(self.client.stdout())
+        return doc
+
+    def stop(self) -> None:
+        self.client.stop()
+        self.server.stop()
+
+
+def start_iperf3(site: SacipSite, seconds: int, *extra: str, family: int = 4,
+                 port: int = IPERF_PORT) -> Iperf3:
+    """`iperf3 -s -1 -B PEER -J` on the peer, then `iperf3 -c PEER -t SECONDS -J EXTRA...` on
+    the mover (a one-off server is gone after a failed attempt: the client waits for it)."""
+    host = peer_of(family)
+    server = site.peer.spawn(["iperf3", "-s", "-1", "-B", host, "-p", str(port), "-J"],
+                             name="iperf3-server")
+    try:
+        site.peer.wait_listening(port)
+        client = site.mover.spawn(["iperf3", "-c", host, "-p", str(port), "-t", str(seconds),
+                                   "-J", *extra], name="iperf3-client")
+    except BaseException:
+        server.stop()
+        raise
+    return Iperf3(server, client, seconds)
