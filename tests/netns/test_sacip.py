@@ -399,3 +399,47 @@ def test_both_ends_move_at_the_same_moment(site: SacipSite) -> None:
     finally:
         stream.stop()
     stream.assert_whole()
+
+
+def test_a_flood_of_junk_and_spoofed_greetings_changes_nothing(site: SacipSite) -> None:
+    """An attacker on the peer's segment sends thousands of malformed datagrams and HELLOs
+    from spoofed sources to the peer's daemon: they are counted and dropped (greetings
+    answered at most at the handshake rate), and a session still moves right after."""
+    from scapy.layers.inet import IP, UDP
+
+    from ipshift.net.rawsock import RawSocket
+    from ipshift.sacip import wire
+
+    site.start(site.mover)
+    site.start(site.peer)
+    stream = Stream(site, 4)
+    try:
+        site.wait_ready(site.mover, 1)
+        site.wait_ready(site.peer, 1)
+        junk = [os.urandom(n % 300) for n in range(3000)]
+        hellos = [wire.Hello(os.urandom(32), os.urandom(32), os.urandom(16), n + 1).encode()
+                  for n in range(1000)]
+        packets = [bytes(IP(src=f"198.51.100.{200 + n % 50}", dst=PEER4) /
+                         UDP(sport=7366, dport=7366) / payload)
+                   for n, payload in enumerate(junk + hellos)]
+
+        def send_all() -> None:
+            with RawSocket(socket.AF_INET) as raw:
+                for packet in packets:
+                    raw.send(packet)
+
+        site.peer2.call(send_all)  # peer2 sits on the peer's segment
+        time.sleep(1.0)
+        counters = site.status(site.peer)["counters"]
+        malformed = sum(v for k, v in counters.items() if k.startswith("malformed"))
+        answered = counters.get("associations", 0)
+        assert malformed >= 2500, counters  # (a few random ones may parse as something)
+        assert counters.get("hellos_rate_limited", 0) >= 800, counters
+        assert answered <= 1 + 150, counters  # the rate limit's burst, plus the real one
+        move_make_before_break(site, 4, 0, same_subnet=False, promote=False)
+        doc = site.wait_moved(site.mover, 1)
+        assert doc["moved"] == 1
+        assert stream.echoed_since(20)
+    finally:
+        stream.stop()
+    stream.assert_whole()

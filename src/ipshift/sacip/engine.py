@@ -60,7 +60,7 @@ from ipshift.sacip.crypto import (
 HELLO_RETRY = (0.25, 0.5, 1.0, 2.0)  # seconds between HELLO attempts; then no sacip there
 NO_SACIP_RETRY = 30.0  # how often a peer found without sacip is tried again
 NOTICE_RETRY = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # then the move has failed
-ASSOCIATION_IDLE = 600.0  # an association without sessions is forgotten after this
+ASSOCIATION_IDLE = 120.0  # a peer no session needs is forgotten after this long quiet
 INBOUND_GRACE = 5.0  # seconds an old wire tuple is still let in after a move
 NOTICE_RATE = 20.0  # notices per second a peer may send (token bucket) ...
 NOTICE_BURST = 40.0  # ... with this burst
@@ -181,6 +181,7 @@ class _Peer:
     tries: int = 0
     next_try: float = 0.0
     last_heard: float = 0.0
+    created: float = 0.0
     tokens: float = NOTICE_BURST
     tokens_at: float = 0.0
     counters: dict[str, int] = field(default_factory=dict)
@@ -287,6 +288,23 @@ class SacipEngine:
             self._forget(known[flow])
         for address in greet:
             self._greet(address, now)
+        self._prune_peers(now)
+
+    def _prune_peers(self, now: float) -> None:
+        """Forget peers no session needs any more once they have been quiet for
+        ASSOCIATION_IDLE (greetings from anyone must not pile up)."""
+        wanted = {s.wire_peer for s in self.sessions_by_flow.values()}
+        for address, peer in list(self.peers.items()):
+            if address in wanted or now - max(peer.last_heard, peer.created) < ASSOCIATION_IDLE:
+                continue
+            if any(move.peer is peer for move in self.moves.values()) or any(
+                    c.peer is peer for c in self.challenges.values()):
+                continue
+            del self.peers[address]
+            if peer not in self.peers.values():
+                for index in peer.associations:
+                    self.by_index.pop(index, None)
+                self._count("peers_forgotten")
 
     def adopt(self, remap: Remap, now: float) -> None:
         """A remap found in the kernel at start (left by this daemon before a restart)."""
@@ -351,7 +369,7 @@ class SacipEngine:
     def _greet(self, address: str, now: float) -> None:
         peer = self.peers.get(address)
         if peer is None:
-            peer = self.peers[address] = _Peer(address)
+            peer = self.peers[address] = _Peer(address, created=now)
         if peer.state == "new":
             self._send_hello(peer, now)
 
@@ -443,7 +461,8 @@ class SacipEngine:
         if hello.ephemeral in self._answered:
             self._count("hellos_replayed")  # answered once; a replay changes nothing
             return
-        peer = self.peers.get(address) or self.peers.setdefault(address, _Peer(address))
+        peer = self.peers.get(address) or self.peers.setdefault(address,
+                                                                _Peer(address, created=now))
         index = self._new_index()
         try:
             ack, association = respond(self.identity, hello, index, rng=self.rng)

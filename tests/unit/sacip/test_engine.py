@@ -31,8 +31,8 @@ MOVER_FLOW = Flow("tcp", OLD, 40000, SERVER, 22)
 PEER_FLOW = Flow("tcp", SERVER, 22, OLD, 40000)
 
 
-def _rng() -> object:
-    counter = itertools.count(1)
+def _rng(start: int = 1) -> object:
+    counter = itertools.count(start)
     return lambda n: bytes((next(counter) + i) & 0xFF for i in range(n))
 
 
@@ -95,7 +95,9 @@ class Net:
 
 def host(name: str, addresses: set[str], **config: object) -> Host:
     identity = Identity.generate()
-    engine = SacipEngine(SacipConfig(**config), identity, 100.0, rng=_rng())  # type: ignore[arg-type]
+    start = 1 + sum(name.encode()) * 7919  # each host its own (deterministic) randomness
+    engine = SacipEngine(SacipConfig(**config), identity, 100.0,  # type: ignore[arg-type]
+                         rng=_rng(start))  # type: ignore[arg-type]
     return Host(name, engine, addresses)
 
 
@@ -358,3 +360,20 @@ def test_both_ends_move_at_the_same_moment() -> None:
                      for h in (mover, peer)}
     assert want_mover in installed_out["mover"].add
     assert want_peer in installed_out["peer"].add
+
+
+def test_greetings_from_anyone_do_not_pile_up() -> None:
+    """A peer that no session needs is forgotten once quiet for ASSOCIATION_IDLE."""
+    from ipshift.sacip.engine import ASSOCIATION_IDLE
+
+    peer = host("peer", {SERVER})
+    strangers = [host(f"s{i}", {f"198.51.100.{100 + i}"}) for i in range(5)]
+    net = Net(peer, *strangers)
+    for i, stranger in enumerate(strangers):
+        stranger.engine.sessions([Flow("tcp", f"198.51.100.{100 + i}", 5000, SERVER, 22)],
+                                 net.now)
+    net.run()
+    assert len(peer.engine.peers) == 5
+    peer.engine.sessions([], net.now + ASSOCIATION_IDLE + 1)
+    assert peer.engine.peers == {} and peer.engine.by_index == {}
+    assert peer.engine.counters["peers_forgotten"] == 5
