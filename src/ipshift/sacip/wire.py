@@ -16,7 +16,11 @@ Inner messages (the plaintext of a SEALED datagram; first byte the inner type):
     PING       5  nonce(8)                   PONG      6  nonce(8)
 
 A NOTICE says: the sessions between me at `old` and you at `receiver` continue with me at
-`new`; each session is named by protocol and ports as it is on the wire.
+`new`; each session is named by protocol (6 TCP, 17 UDP) and ports (1..65535) as it is on the
+wire between those two addresses. Indexes name an association at its receiver and are never 0;
+counters start at 1; a SEALED datagram is at most 1232 bytes (the IPv6 minimum MTU less the
+IPv6 and UDP headers), so a NOTICE names at most MAX_NOTICE_SESSIONS sessions (`notices`
+splits a longer list).
 
     datagram = Hello(static, ephemeral, random, index).encode()
     message = decode_datagram(data)        # Hello | HelloAck | Sealed, or WireError
@@ -144,7 +148,10 @@ class Sealed:
         return self.header() + self.ciphertext
 
 
-def decode_datagram(data: bytes) -> Hello | HelloAck | Sealed:
+Datagram = Hello | HelloAck | Sealed
+
+
+def decode_datagram(data: bytes) -> Datagram:
     _need(len(data) >= _HEAD.size, "short", f"a datagram of {len(data)} bytes")
     version, kind, reserved = _HEAD.unpack_from(data)
     _need(version == VERSION, "version", f"version {version}, not {VERSION}")

@@ -1,6 +1,7 @@
 """Optional per-peer datagram authentication (and encryption): AES-256-GCM, a replay window.
 
-Pure but for `read_key_file`: no sockets, no clock (the first send counter is given).
+Pure but for `read_key_file` (key files themselves: ipshift.keyfile, whose names are
+re-exported here): no sockets, no clock (the first send counter is given).
 
 An authenticated datagram is the framing header in clear, 12 bytes of authentication header,
 the sealed rest of the datagram and the 16-byte tag:
@@ -47,10 +48,6 @@ reverse for a UDP_SEGMENT send.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import os
-import stat
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -60,6 +57,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ipshift import keyfile
+from ipshift.keyfile import (
+    KeyFileError,
+    check_key_file_status,
+    format_key_file,
+    parse_key_file,
+    write_key_file,
+)
 from ipshift.packet.errors import BytesLike, PacketError
 from ipshift.tunnel import wire
 from ipshift.tunnel.config import ConfigError, Endpoint
@@ -77,7 +82,6 @@ MAX_LANES = 256
 MAX_COUNTER = (1 << 64) - 1
 _KEY_CACHE = 4  # derived receive keys kept (the current epoch, the one before, ...)
 _HKDF_SALT = b"ipshift tunnel auth v1"
-MAX_KEY_FILE = 4096
 
 
 class Role(IntEnum):
@@ -118,80 +122,22 @@ class AuthError(PacketError):
         self.refusal = refusal
 
 
-class KeyFileError(ConfigError):
-    """A key file is unusable; the message says what to do."""
+class TunnelKeyFileError(KeyFileError, ConfigError):
+    """A tunnel key file is unusable: to the tunnel, a configuration error like any other."""
 
 
-# --- key files --------------------------------------------------------------------------------
-# A key file is text: lines starting with "#" and blank lines are ignored, and exactly one line
-# holds the 32-byte key in base64 (44 characters, as `wg genkey` prints them). It must be a
-# regular file, owned by the user reading it (or root), with no permissions for group or others.
-def check_key_file_status(status: os.stat_result, euid: int, path: str = "key file") -> None:
-    """Refuse a key file that others could read or change (a pure check of its stat)."""
-    if not stat.S_ISREG(status.st_mode):
-        raise KeyFileError(f"{path} is not a regular file; give the path of the key file itself")
-    if status.st_uid not in (euid, 0):
-        raise KeyFileError(f"{path} is owned by uid {status.st_uid}; it must belong to uid "
-                           f"{euid} or root (chown it)")
-    if status.st_mode & 0o077:
-        raise KeyFileError(f"{path} has mode {stat.S_IMODE(status.st_mode):04o}, open to group "
-                           f"or others; run: chmod 600 {path}")
-
-
-def parse_key_file(text: str, path: str = "key file") -> bytes:
-    """The key in a key file's text."""
-    lines = [line.strip() for line in text.splitlines()]
-    keys = [line for line in lines if line and not line.startswith("#")]
-    if len(keys) != 1:
-        raise KeyFileError(f"{path} must hold exactly one key line (base64 of {KEY_LEN} bytes), "
-                           f"not {len(keys)}; create one with format_key_file")
-    try:
-        key = base64.b64decode(keys[0], validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise KeyFileError(f"{path}: the key line is not base64") from exc
-    if len(key) != KEY_LEN:
-        raise KeyFileError(f"{path}: the key has {len(key)} bytes, not {KEY_LEN}")
-    return key
-
-
-def format_key_file(key: bytes, comment: str = "") -> str:
-    """The text of a key file holding `key`."""
-    if len(key) != KEY_LEN:
-        raise ValueError(f"a key has {KEY_LEN} bytes")
-    head = "".join(f"# {line}\n" for line in comment.splitlines())
-    return head + base64.b64encode(key).decode() + "\n"
-
-
-def write_key_file(path: str, key: bytes, comment: str = "") -> None:
-    """Create key file `path` holding `key`, mode 0600 from the start; an existing file is
-    never overwritten (FileExistsError): a peer may still use that key."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(format_key_file(key, comment))
-
-
+# --- key files (the format and its checks: ipshift.keyfile) ----------------------------------
 def generate_key() -> bytes:
     return AESGCM.generate_key(bit_length=KEY_LEN * 8)
 
 
 def read_key_file(path: str) -> bytes:
-    """Read and check a key file (symbolic links refused: the checked file is the read one)."""
+    """A tunnel key (KEY_LEN bytes) from key file `path`, with keyfile.read_key_file's checks;
+    its errors are ConfigErrors too, as the tunnel's callers expect."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        raise KeyFileError(f"cannot open key file {path}: {exc.strerror}") from exc
-    try:
-        check_key_file_status(os.fstat(fd), os.geteuid(), path)
-        data = os.read(fd, MAX_KEY_FILE + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_KEY_FILE:
-        raise KeyFileError(f"{path} is larger than a key file ({MAX_KEY_FILE} bytes at most)")
-    try:
-        return parse_key_file(data.decode(), path)
-    except UnicodeDecodeError as exc:
-        raise KeyFileError(f"{path} is not text; it should hold a base64 key") from exc
+        return keyfile.read_key_file(path, KEY_LEN)
+    except KeyFileError as exc:
+        raise TunnelKeyFileError(str(exc)) from exc
 
 
 # --- the replay window ------------------------------------------------------------------------
@@ -458,10 +404,12 @@ __all__ = [
     "Refusal",
     "ReplayWindow",
     "Role",
+    "TunnelKeyFileError",
     "check_key_file_status",
     "format_key_file",
     "generate_key",
     "parse_key_file",
     "read_key_file",
     "role_for",
+    "write_key_file",
 ]

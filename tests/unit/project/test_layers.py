@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[3] / "src" / "ipshift"
 #: rank of each top-level package or module of ipshift; an import must go to a lower rank
 #: (or stay within the same package)
 RANKS: dict[str, int] = {
-    "ui": 0,
+    "ui": 0, "keyfile": 0,
     "packet": 1,
     "net": 2,
     "ctl": 3,
