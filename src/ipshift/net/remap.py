@@ -38,10 +38,12 @@ set raw instead, because the kernel's checksum update would turn the 0 into a wr
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
+import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ipshift.net.errors import ParseError
 from ipshift.net.nft import JsonDoc
@@ -84,6 +86,8 @@ class Direction(enum.Flag):
 
 
 _DIRS = ((Direction.OUTBOUND, "out"), (Direction.INBOUND, "in"))
+_NOTHING: frozenset[Any] = frozenset()
+_DIRS_INT = ((Direction.OUTBOUND.value, "out"), (Direction.INBOUND.value, "in"))
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,11 @@ class Remap:
         if self.inner == self.wire:
             raise RemapError(f"remap {self.describe()} changes nothing: give a new address "
                              "or port")
+        # hashed once: remaps are keys of several dicts and caches per operation
+        fix(self, "_hash", hash((self.proto, *self.inner, *self.wire)))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined, no-any-return]
 
     @property
     def version(self) -> int:
@@ -173,6 +182,7 @@ def _kind(remap: Remap) -> str:
     return "icmp" if remap.proto == "icmp" else "ports"
 
 
+@functools.lru_cache(maxsize=64)
 def map_name(direction: str, version: int, kind: str, field: str) -> str:
     """`out4_saddr`, `in6_dport`, `out4_icmp_id`, ..."""
     return f"{direction}{version}_{'icmp_' if kind == 'icmp' else ''}{field}"
@@ -269,10 +279,10 @@ def _ends(remap: Remap, direction: str) -> tuple[FlowTuple, FlowTuple]:
     return (remap.proto, npeer, npport, nlocal, nlport), (remap.proto, peer, pport, local, lport)
 
 
-@dataclass(frozen=True)
-class Lookup:
+class Lookup(NamedTuple):
     """One map lookup a remap's packets go through: its key, and the new value if the remap
-    has an element there (None: the field stays, the lookup must miss)."""
+    has an element there (None: the field stays, the lookup must miss). (A named tuple: a
+    move of thousands of sessions makes tens of thousands.)"""
 
     map: str
     key: FlowTuple
@@ -281,9 +291,17 @@ class Lookup:
 
 def lookups(remap: Remap, direction: Direction) -> Iterator[Lookup]:
     """Every lookup of the remap's packets in `direction` (INBOUND or OUTBOUND or BOTH)."""
+    return iter(_lookups(remap, direction.value))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _lookups(remap: Remap, direction: int) -> tuple[Lookup, ...]:
+    # cached: a move of thousands of sessions asks for the same remaps' lookups several
+    # times (slots, elements, clash checks), and they never change
     kind = _kind(remap)
     pos = _ICMP_POS if kind == "icmp" else _PORT_POS
-    for flag, dname in _DIRS:
+    out = []
+    for flag, dname in _DIRS_INT:
         if not direction & flag:
             continue
         current, end = _ends(remap, dname)
@@ -291,10 +309,11 @@ def lookups(remap: Remap, direction: Direction) -> Iterator[Lookup]:
             i = pos[field]
             name = map_name(dname, remap.version, kind, field)
             if current[i] == end[i]:
-                yield Lookup(name, current, None)
+                out.append(Lookup(name, current, None))
             else:
-                yield Lookup(name, current, end[i])
+                out.append(Lookup(name, current, end[i]))
                 current = _with(current, i, end[i])
+    return tuple(out)
 
 
 def _with(flow: FlowTuple, index: int, value: Any) -> FlowTuple:
@@ -305,11 +324,17 @@ def _with(flow: FlowTuple, index: int, value: Any) -> FlowTuple:
 def _slots(remap: Remap, direction: Direction) -> Iterator[tuple[str, FlowTuple]]:
     """What must be unique to the remap: every lookup key, and where each direction ends (two
     flows rewritten to one tuple could not be told apart on the way back)."""
-    for lk in lookups(remap, direction):
-        yield lk.map, lk.key
-    for flag, dname in _DIRS:
+    return iter(_slot_tuple(remap, direction.value))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _slot_tuple(remap: Remap, direction: int) -> tuple[tuple[str, FlowTuple], ...]:
+    out = [(lk.map, lk.key) for lk in _lookups(remap, direction)]
+    for flag, dname in _DIRS_INT:
         if direction & flag:
-            yield f"{dname}{remap.version}_{_kind(remap)}_result", _ends(remap, dname)[1]
+            out.append((f"{dname}{remap.version}_{_kind(remap)}_result",
+                        _ends(remap, dname)[1]))
+    return tuple(out)
 
 
 def _json_key(key: FlowTuple) -> JsonDoc:
@@ -592,20 +617,24 @@ class FlowRemaps:
             want = direction & ~held_dirs
             if not want:
                 continue
-            for slot in _slots(remap, want):
-                leaving = slot_gone.get(slot, set())
-                holders = [r for r in self._keys.get(slot, ()) if r not in leaving]
-                holders += list(slot_new.get(slot, ()))
-                for other in holders:
-                    # One flow may arrive under two wire tuples at once (while its peer
-                    # learns of a move): on the way in, both lead to the flow's own tuple.
-                    if other != remap and not (slot[0].startswith("in")
-                                               and other.inner == remap.inner):
-                        raise RemapError(
-                            f"remap {remap.describe()} clashes with {other.describe()}: "
-                            f"their packets look alike at {slot[0]}; remove one first")
-                slot_new.setdefault(slot, {})[remap] = None
-            for lk in lookups(remap, want):
+            for slot in _slot_tuple(remap, want.value):
+                current, arriving = self._keys.get(slot), slot_new.get(slot)
+                if current or arriving:
+                    leaving = slot_gone.get(slot, _NOTHING)
+                    for other in itertools.chain(current or (), arriving or ()):
+                        # One flow may arrive under two wire tuples at once (while its peer
+                        # learns of a move): on the way in, both lead to the flow's own
+                        # tuple.
+                        if other != remap and other not in leaving and not (
+                                slot[0].startswith("in") and other.inner == remap.inner):
+                            raise RemapError(
+                                f"remap {remap.describe()} clashes with {other.describe()}: "
+                                f"their packets look alike at {slot[0]}; remove one first")
+                if arriving is None:
+                    slot_new[slot] = {remap: None}
+                else:
+                    arriving[remap] = None
+            for lk in _lookups(remap, want.value):
                 if lk.value is not None:
                     element = (lk.map, lk.key)
                     if not count(element):
