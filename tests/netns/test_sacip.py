@@ -32,6 +32,7 @@ from ipshift.lab.sacip_site import (
     move_break_before_make,
     move_make_before_break,
     move_to_wifi,
+    start_sshd,
 )
 from ipshift.sacip.engine import INBOUND_GRACE
 from tests.netns.conftest import need
@@ -125,28 +126,13 @@ def test_repeated_moves_and_both_ends_keep_one_remap_per_session(site: SacipSite
 
 
 def test_an_ssh_session_keeps_running_commands_across_two_moves(site: SacipSite) -> None:
-    need("sshd", "ssh", "ssh-keygen")
-    keys = site.workdir / "ssh"
-    keys.mkdir()
-    site.peer.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "host")])
-    site.mover.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "client")])
-    (keys / "authorized_keys").write_text((keys / "client.pub").read_text())
-    config = keys / "sshd_config"
-    config.write_text(f"ListenAddress {PEER4}\nPort 2222\nHostKey {keys / 'host'}\n"
-                      f"AuthorizedKeysFile {keys / 'authorized_keys'}\nPermitRootLogin yes\n"
-                      "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-                      "UsePAM no\nStrictModes no\nPidFile none\n")
-    os.makedirs("/run/sshd", exist_ok=True)
-    sshd = site.peer.spawn(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], name="sshd")
-    site.peer.wait_listening(2222)
+    need("ssh", "ssh-keygen")
+    sshd = start_sshd(site, site.workdir / "ssh")
     site.start(site.mover)
     site.start(site.peer)
     ticks = 120
-    ssh = site.mover.spawn(["ssh", "-i", str(keys / "client"), "-p", "2222",
-                            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                            "-o", "BatchMode=yes", f"root@{PEER4}",
-                            f"for i in $(seq 1 {ticks}); do echo tick $i; sleep 0.05; done"],
-                           name="ssh")
+    ssh = site.mover.spawn(sshd.client_argv(
+        f"for i in $(seq 1 {ticks}); do echo tick $i; sleep 0.05; done"), name="ssh")
     try:
         ssh.wait_for_output("tick 5", 15)
         site.wait_ready(site.mover, 1)
@@ -294,9 +280,7 @@ def test_a_restarted_daemon_keeps_the_moved_sessions(site: SacipSite) -> None:
 def test_a_strict_router_drops_the_moved_session(site: SacipSite) -> None:
     """The documented limit: a router whose conntrack refuses TCP it did not see start
     (nf_conntrack_tcp_loose=0, invalid packets dropped) drops the remapped session."""
-    site.router.sysctl("net.netfilter.nf_conntrack_tcp_loose", 0)
-    site.router.nft("table inet strict {\n chain forward_strict {\n  type filter hook "
-                    "forward priority 0;\n  ct state invalid drop\n }\n}\n")
+    site.router_firewall(strict=True)
     site.start(site.mover)
     site.start(site.peer)
     stream = Stream(site, 4)

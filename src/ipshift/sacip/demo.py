@@ -11,37 +11,25 @@ from pathlib import Path
 
 from ipshift.lab import Lab, LabProcess
 from ipshift.lab.sacip_site import (
-    PEER4,
     WIRED,
     SacipSite,
+    Sshd,
     Stream,
     build_site,
     move_make_before_break,
     move_to_wifi,
+    start_sshd,
 )
 from ipshift.ui import say
 
 TICKS = 100  # the remote command prints one line every 50 ms: 5 s in all
 
 
-def _sshd(site: SacipSite, keys: Path) -> LabProcess | None:
+def _sshd(site: SacipSite, keys: Path) -> Sshd | None:
     """A real sshd on the peer (key login only), or None if OpenSSH is not installed."""
     if not (shutil.which("sshd") or os.path.exists("/usr/sbin/sshd")) or not shutil.which("ssh"):
         return None
-    keys.mkdir()
-    site.peer.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "host")])
-    site.mover.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "client")])
-    (keys / "authorized_keys").write_text((keys / "client.pub").read_text())
-    (keys / "sshd_config").write_text(
-        f"ListenAddress {PEER4}\nPort 2222\nHostKey {keys / 'host'}\n"
-        f"AuthorizedKeysFile {keys / 'authorized_keys'}\nPermitRootLogin yes\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
-        "StrictModes no\nPidFile none\n")
-    os.makedirs("/run/sshd", exist_ok=True)
-    sshd = site.peer.spawn(["/usr/sbin/sshd", "-D", "-e", "-f", str(keys / "sshd_config")],
-                           name="sshd")
-    site.peer.wait_listening(2222)
-    return sshd
+    return start_sshd(site, keys)
 
 
 def _show(site: SacipSite) -> None:
@@ -60,14 +48,10 @@ def run_demo(args: argparse.Namespace) -> int:
         ssh: LabProcess | None = None
         stream: Stream | None = None
         if sshd is not None:
-            keys = Path(tmp) / "ssh"
             say(f"an ssh session from the mover ({WIRED[4][0][0]}) to the peer runs a command "
                 "that prints a line every 50 ms")
-            ssh = site.mover.spawn(
-                ["ssh", "-i", str(keys / "client"), "-p", "2222",
-                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                 "-o", "BatchMode=yes", f"root@{PEER4}",
-                 f"for i in $(seq 1 {TICKS}); do echo tick $i; sleep 0.05; done"], name="ssh")
+            ssh = site.mover.spawn(sshd.client_argv(
+                f"for i in $(seq 1 {TICKS}); do echo tick $i; sleep 0.05; done"), name="ssh")
             ssh.wait_for_output("tick 3", 15)
         else:
             say("(OpenSSH is not installed: a TCP echo session stands in for ssh)")
