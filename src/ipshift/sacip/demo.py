@@ -62,14 +62,14 @@ def run_demo(args: argparse.Namespace) -> int:
                 " the router forgets the old subnet")
             move_make_before_break(site, 4, 0, same_subnet=False, promote=False)
             doc = site.wait_moved(site.mover, 1)
-            say(f"   moved in {doc['move_ms'][0]:.1f} ms after the address went")
+            say(f"   sessions moved {doc['move_ms'][0]:.1f} ms after the new address was usable")
             _show(site)
             time.sleep(1.0)
             say("2) wired to Wi-Fi: 198.51.100.10 on the second interface, then the wired "
                 "address deleted")
             move_to_wifi(site, 4, step=1)
             doc = site.wait_moved(site.mover, 2)
-            say(f"   moved in {doc['move_ms'][0]:.1f} ms after the address went")
+            say(f"   sessions moved {doc['move_ms'][0]:.1f} ms after the new address was usable")
             _show(site)
             if ssh is not None:
                 status = ssh.wait(timeout=30)
