@@ -21,8 +21,6 @@ from typing import Any
 
 from ipshift.ctl import CtlError
 from ipshift.daemon import (
-    LO_ADDRESS,
-    NFT_TABLE,
     DaemonOptions,
     EnginePump,
     Metric,
@@ -32,12 +30,12 @@ from ipshift.daemon import (
     gauge,
     run_service,
 )
+from ipshift.daemon.kernel import close_remap_table, kept_addresses, remap_table
 from ipshift.net.conntrack import Conntrack
 from ipshift.net.errors import NetError
 from ipshift.net.loaddr import LoAddresses
 from ipshift.net.netlink import Address, KernelWatcher, Netlink
 from ipshift.net.nft import Nft
-from ipshift.net.nfttable import OwnedTable
 from ipshift.net.packetsock import PacketSocket
 from ipshift.net.rawsock import RawSocket
 from ipshift.net.remap import Direction, FlowRemaps, Remap
@@ -123,7 +121,7 @@ class ResendDaemon:
     def _open_kernel(self, rt: Runtime) -> None:
         self._netlink = Netlink(self.netns)
         self._netlink.index(self.outgoing)  # fails clearly if the interface does not exist
-        self._lo = LoAddresses(self._netlink, on_change=self._record_lo)
+        self._lo = kept_addresses(rt, self._netlink)
         # subscribed before anything can depend on an address: a loss is never missed, and
         # the view is re-read after an overrun (the callback then runs as well)
         self._watcher = KernelWatcher(self.netns, ("link", "address"), netlink=self._netlink)
@@ -131,15 +129,8 @@ class ResendDaemon:
         assert self._loop is not None
         self._loop.add_reader(self._watcher.fileno(), self._watcher.read)
         self._nft = Nft(self.netns)
-        table = OwnedTable(self._nft, "inet", "resend", self.outgoing)
-        rt.record.add(NFT_TABLE, table.spec)
-        self._remaps = FlowRemaps(table)
-        self._remaps.install(force=True)  # ours: the instance lock says no one else runs
+        self._remaps, _ = remap_table(rt, self._nft, "resend", self.outgoing)
         self._conntrack = Conntrack(self.netns)
-
-    def _record_lo(self, owned: frozenset[str]) -> None:
-        if self._rt is not None:
-            self._rt.record.set_items(LO_ADDRESS, owned)
 
     def _close_kernel(self) -> None:
         for sock in (self._out_sock, self._in_sock, *self._raw.values()):
@@ -154,12 +145,7 @@ class ResendDaemon:
             self._watcher.close()
             self._watcher = None
         if self._remaps is not None:
-            try:
-                self._remaps.delete()
-                if self._rt is not None:
-                    self._rt.record.discard(NFT_TABLE, self._remaps.table.spec)
-            except NetError as exc:
-                log.warning("removing nftables table %s: %s", self._remaps.table.name, exc)
+            close_remap_table(self._rt, self._remaps)
             self._remaps = None
         self._mapped.clear()
         if self._nft is not None:

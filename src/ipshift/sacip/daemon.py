@@ -41,6 +41,7 @@ from ipshift.daemon import (
     gauge,
     run_service,
 )
+from ipshift.daemon.kernel import close_remap_table, kept_addresses, remap_table
 from ipshift.net import udp
 from ipshift.net.errors import NetError
 from ipshift.net.loaddr import LoAddresses
@@ -49,7 +50,6 @@ from ipshift.net.netlink.objects import Address, Route
 from ipshift.net.netlink.watch import ADDED, REMOVED, KernelWatcher
 from ipshift.net.nfqueue import NfQueue, QueueRule
 from ipshift.net.nft import Nft
-from ipshift.net.nfttable import OwnedTable
 from ipshift.net.remap import FlowRemaps
 from ipshift.net.sockdiag import SockDiag
 from ipshift.packet.errors import PacketError
@@ -175,31 +175,16 @@ class SacipService:
     def _open_kernel(self, rt: Runtime) -> list[Any]:
         config, netns = self.config, self.netns
         self._netlink = Netlink(netns)
-        self._lo = LoAddresses(self._netlink, on_change=self._record_lo, identifier_only=True)
-        # what a killed predecessor kept on lo: ours again (the remaps below may need it)
-        left_lo = rt.record.left_over(LO_ADDRESS)
-        self._lo.adopt(left_lo)
-        rt.record.settled(LO_ADDRESS, left_lo)
+        self._lo = kept_addresses(rt, self._netlink, identifier_only=True, adopt=True)
         # subscribed before the first scan: a move that happens meanwhile is not missed
         self._watcher = KernelWatcher(netns, ("link", "address", "route"),
                                       netlink=self._netlink)
         assert self._loop is not None
         self._loop.add_reader(self._watcher.fileno(), self._on_netlink)
         self._nft = Nft(netns)
-        table = OwnedTable(self._nft, "inet", "sacip", config.name)
-        adopted: list[Any] = []
-        rt.record.add(NFT_TABLE, table.spec)
-        self._remaps = FlowRemaps(table)
-        if table.spec in rt.record.left_over(NFT_TABLE) and table.exists():
-            # a killed predecessor's remaps: its sessions stay moved
-            adopted = list(self._remaps.adopt())
-        else:
-            self._remaps.install(force=True)  # ours: the instance lock says no one else runs
-        for spec in rt.record.left_over(NFT_TABLE):
-            if spec != table.spec:
-                log.warning("a predecessor left nftables table %s, not this instance's: "
-                            "`ipshift daemons --clean` removes it", spec)
-        rt.record.settled(NFT_TABLE, [table.spec])
+        # a killed predecessor's remaps are taken over: its sessions stay moved
+        self._remaps, found = remap_table(rt, self._nft, "sacip", config.name, adopt=True)
+        adopted = list(found)
         self._diag = SockDiag(netns)
         for family in (socket.AF_INET, socket.AF_INET6):
             try:
@@ -283,12 +268,7 @@ class SacipService:
             self._watcher.close()
             self._watcher = None
         if self._remaps is not None:
-            try:
-                self._remaps.delete()
-                if self._rt is not None:
-                    self._rt.record.discard(NFT_TABLE, self._remaps.table.spec)
-            except NetError as exc:
-                log.warning("removing nftables table %s: %s", self._remaps.table.name, exc)
+            close_remap_table(self._rt, self._remaps)
             self._remaps = None
         if self._nft is not None:
             self._nft.close()
@@ -300,10 +280,6 @@ class SacipService:
             if handle is not None:
                 handle.close()
         self._diag = self._netlink = None
-
-    def _record_lo(self, owned: frozenset[str]) -> None:
-        if self._rt is not None:
-            self._rt.record.set_items(LO_ADDRESS, owned)
 
     def _now(self) -> float:
         assert self._loop is not None
