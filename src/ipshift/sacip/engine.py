@@ -153,17 +153,22 @@ class _Session:
     old_keys: list[tuple[str, str, int, str, int]] = field(default_factory=list)
     old_keys_until: float | None = None  # earlier wire tuples still name it until then
     holds_local: bool = False  # it keeps its socket address on lo
+    # the local wire address the peer has confirmed (outbound uses it; it differs from
+    # wire_local while a move of ours is not confirmed yet)
+    out_local: str = ""
     # inbound remaps of earlier wire tuples, kept while packets may still arrive under them
     # (expiry time; None: until the move in progress is confirmed)
     inbound_extra: dict[Remap, float | None] = field(default_factory=dict)
 
-    def target(self) -> Remap | None:
-        """The remap the current wire addresses call for (None: the wire is the socket's)."""
+    def target(self, local: str | None = None) -> Remap | None:
+        """The remap the current wire addresses call for (None: the wire is the socket's);
+        `local` instead of the wire's local address (the one the peer has confirmed)."""
         flow = self.flow
-        if self.wire_local == flow.local and self.wire_peer == flow.peer:
+        wire_local = self.wire_local if local is None else local
+        if wire_local == flow.local and self.wire_peer == flow.peer:
             return None
         return Remap(flow.proto, flow.local, flow.local_port, flow.peer, flow.peer_port,
-                     new_local=self.wire_local, new_peer=self.wire_peer)
+                     new_local=wire_local, new_peer=self.wire_peer)
 
     def wire_key(self) -> tuple[str, str, int, str, int]:
         f = self.flow
@@ -332,6 +337,7 @@ class SacipEngine:
         return self.config.excluded(flow.peer)
 
     def _follow(self, session: _Session, now: float) -> None:
+        session.out_local = session.out_local or session.wire_local
         self.sessions_by_flow[session.flow] = session
         self.by_wire[session.wire_key()] = session
         if session.wire_local != session.flow.local:
@@ -660,6 +666,7 @@ class SacipEngine:
         # 3. the outbound half: the sessions leave with the new address
         adds, removes = [], []
         for session in done:
+            session.out_local = session.wire_local  # the peer knows it now
             target = session.target()
             if session.outbound is not None and session.outbound != target:
                 removes.append(session.outbound)
@@ -767,19 +774,26 @@ class SacipEngine:
             del self.by_wire[old_key]
             self.by_wire[session.wire_key()] = session
             target = session.target()
-            # Outbound switches now; inbound keeps the old wire tuple a while (the mover's
-            # packets still in flight, or sent before our ACK reached it).
-            if session.outbound is not None and session.outbound != target:
+            # Outbound switches now, from the local address the mover knows (ours may be
+            # moving too: until it confirms, we still send from the old one). Inbound keeps
+            # the old wire tuple a while (the mover's packets still in flight, or sent
+            # before our ACK reached it), and lets in both our addresses while we move.
+            outbound = session.target(session.out_local)
+            if session.outbound is not None and session.outbound != outbound:
                 out_removes.append(session.outbound)
+            if outbound is not None and outbound != session.outbound:
+                out_adds.append(outbound)
+            session.outbound = outbound
             if session.inbound is not None and session.inbound != target:
                 session.inbound_extra[session.inbound] = self._graced(session, now)
             if target is not None:
                 session.inbound_extra.pop(target, None)
                 if target != session.inbound:
                     in_adds.append(target)
-                if target != session.outbound:
-                    out_adds.append(target)
-            session.inbound = session.outbound = target
+            if outbound is not None and outbound != target:
+                session.inbound_extra[outbound] = None  # until our own move is confirmed
+                in_adds.append(outbound)
+            session.inbound = target
             session.moves += 1
             results.append(wire.MOVED)
         if in_adds:
