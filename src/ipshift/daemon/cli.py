@@ -12,8 +12,9 @@ import argparse
 import contextlib
 import fcntl
 import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,26 @@ def call(path: Path, method: str, /, **params: Any) -> Any:
         return request(path, method, **params)
     except CtlError as exc:
         raise UserError(exc.message) from exc
+
+
+def entry_point(build: Callable[[], argparse.ArgumentParser],
+                argv: Sequence[str] | None = None) -> int:
+    """The body of a stand-alone console command (`ip_resend`, `rsipd`, ...): parse, run the
+    handler, and turn a UserError into one line on stderr and exit status 2."""
+    parser = build()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.handler(args)
+        return result
+    except UserError as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # a reader that closed early (`| head`): quiet, as shell tools are
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def show_status(path: Path, *, as_json: bool, renderer: Renderer | None = None) -> int:

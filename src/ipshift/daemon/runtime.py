@@ -215,6 +215,10 @@ class Runtime:
     def _log_status(self) -> None:
         try:
             log.info("status %s", json.dumps(self.status(), default=str, sort_keys=True))
+            # a service may answer SIGUSR1 itself too (rsipd writes the seed's status file)
+            hook = getattr(self.service, "on_status_signal", None)
+            if hook is not None:
+                hook()
         except Exception as exc:  # a status that fails must not end the daemon
             log.warning("status failed: %s", exc)
 

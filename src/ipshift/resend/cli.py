@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from ipshift.daemon.cli import (
     add_control_commands,
     add_run_options,
+    entry_point,
     options_from_args,
     start_logging,
 )
@@ -120,23 +120,6 @@ def register(sub: Any) -> None:
     add_control_commands(rs, "ip_resend", add_target_options, _socket_for)
 
 
-def _entry(build: Any, argv: Sequence[str] | None) -> int:
-    parser = build()
-    args = parser.parse_args(argv)
-    try:
-        result: int = args.handler(args)
-        return result
-    except UserError as exc:
-        print(f"{parser.prog}: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        # a reader that closed early (`| head`): quiet, as shell tools are
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-
-
 def ip_resend_main(argv: Sequence[str] | None = None) -> int:
     def build() -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(prog="ip_resend",
@@ -145,4 +128,4 @@ def ip_resend_main(argv: Sequence[str] | None = None) -> int:
         p.set_defaults(handler=_run)
         return p
 
-    return _entry(build, argv)
+    return entry_point(build, argv)

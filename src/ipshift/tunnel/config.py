@@ -108,7 +108,8 @@ class TunnelConfig:
     the underlay. `extra_local`: a second local endpoint of the other IP family, so that IPv4
     and IPv6 peers are served side by side. `serve`: inner destinations this end accepts from
     the tunnel besides its own addresses (a gateway's networks); None accepts any (a relay).
-    `headroom`: bytes the tunnel MTU leaves for hooks that add headers."""
+    `headroom`: bytes the tunnel MTU leaves for hooks that add headers. `dynamic`: the table
+    may start empty (peers arrive through `update_peers`)."""
 
     dev: str
     local: Endpoint
@@ -127,12 +128,16 @@ class TunnelConfig:
     extra_local: Endpoint | None = None
     serve: tuple[IPNetwork, ...] | None = ()
     headroom: int = 0
+    # A table that may start empty and gets its peers while running (a gateway's clients).
+    dynamic: bool = False
 
     def __post_init__(self) -> None:
         if self.framing not in FRAMINGS:
             raise ConfigError(f"--framing must be one of {', '.join(FRAMINGS)}")
         check_interface_name(self.dev)
-        if (self.remote is None) == (not self.peers):
+        if self.dynamic and self.remote is not None:
+            raise ConfigError("a tunnel whose peers come and go has no --remote")
+        if not self.dynamic and (self.remote is None) == (not self.peers):
             raise ConfigError("give the peer with --remote ADDR:PORT, or several with --peers "
                               "FILE (not both)")
         if self.remote is not None and self.local.family != self.remote.family:
