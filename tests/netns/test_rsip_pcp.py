@@ -45,8 +45,7 @@ from ipshift.rsip.pcpwire import (
     PmpResult,
     Result,
 )
-
-from .conftest import need
+from tests.netns.conftest import need
 
 V4 = ipaddress.IPv4Address
 TABLE = "ipshift_pcp_default"
@@ -359,6 +358,8 @@ def test_expiry_removes_the_forward_and_its_flows(site: PcpSite) -> None:
     while time.monotonic() < deadline and 8086 in site.forwarded_ports():
         time.sleep(0.2)
     assert 8086 not in site.forwarded_ports()
+    while time.monotonic() < deadline and site.gw.call(flows):  # swept off the request path
+        time.sleep(0.05)
     assert site.gw.call(flows) == []
     assert site.unreachable(site.inet, 8086)
     status = site.status()["pcp"]

@@ -28,12 +28,18 @@ of a hook.
 Flows: removing a forward also ends the conntrack entries of flows that came in through it
 (they would otherwise live on without a forward); adding a UDP forward ends entries of
 earlier, unanswered datagrams to that port (conntrack would otherwise keep sending their
-retransmissions to the gateway itself, skipping the new DNAT). `lookup_flow` finds the
-external port the kernel gave an outbound flow (PEER).
+retransmissions to the gateway itself, skipping the new DNAT). Finding them means a
+conntrack dump, which walks the kernel's whole conntrack hash (about 10 ms here, whatever
+the number of flows), so it is kept off the request path: `apply` queues the work,
+`take_flow_work` hands it over in one piece, and `end_flows` (on a worker thread) does it
+with one dump per protocol and address. `lookup_flow` finds the external port the kernel
+gave an outbound flow (PEER).
 
     portmap = PortMap(OwnedTable(Nft(netns), "ip", "pcp", "default"), "eth1")
     portmap.install()
     portmap.apply(actions)        # AddForward, RemoveForward, SetFilters, AddPeer, RemovePeer
+    work = portmap.take_flow_work()
+    if work: portmap.end_flows(work)      # from a worker thread
     portmap.delete()
 """
 
@@ -41,10 +47,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
-from ipshift.net.conntrack import Conntrack, ConntrackEntry, ConntrackFilter
+from ipshift.net.conntrack import Conntrack, ConntrackFilter
 from ipshift.net.errors import NetError
 from ipshift.net.nft import NftError, concat
 from ipshift.net.nfttable import OwnedTable
@@ -68,6 +75,8 @@ FAMILY = "ip"
 
 Change = AddForward | RemoveForward | SetFilters | AddPeer | RemovePeer
 ForwardKey = tuple[ipaddress.IPv4Address, int, int]
+#: (protocol, external address) -> (ports whose flows end, ports whose unanswered UDP goes)
+FlowWork = dict[tuple[int, ipaddress.IPv4Address], tuple[set[int], set[int]]]
 PeerKey = tuple[ipaddress.IPv4Address, int, int, ipaddress.IPv4Address, int]
 
 
@@ -136,7 +145,9 @@ class PortMap:
         self.peers: dict[PeerKey, PeerPin] = {}
         self.failures = 0           # transactions that had to be split (a bug to report)
         self.flows_ended = 0
+        self._flow_work: FlowWork = {}
         self._conntrack: Conntrack | None = None
+        self._conntrack_lock = threading.Lock()
 
     # --- lifecycle ---------------------------------------------------------------------------
     def install(self) -> None:
@@ -175,7 +186,6 @@ class PortMap:
                         "alone", len(changes), exc)
             return self._one_by_one(changes)
         plan.commit()
-        self._end_flows(plan)
         return []
 
     def _one_by_one(self, changes: Sequence[Change]) -> list[Change]:
@@ -191,35 +201,50 @@ class PortMap:
                 failed.append(change)
                 continue
             plan.commit()
-            self._end_flows(plan)
         return failed
 
     # --- conntrack ---------------------------------------------------------------------------
     def _ct(self) -> Conntrack:
-        if self._conntrack is None:
-            self._conntrack = Conntrack(self.table.nft.netns)
-        return self._conntrack
+        with self._conntrack_lock:  # the loop and a worker thread may both ask first
+            if self._conntrack is None:
+                self._conntrack = Conntrack(self.table.nft.netns)
+            return self._conntrack
 
-    def _end_flows(self, plan: _Plan) -> None:
-        """End the flows of removed forwards, and the stale unanswered UDP entries of new
-        ones; best effort (a failure is logged, the forwards stand)."""
-        if not plan.ended and not plan.stale_udp:
-            return
+    def _queue_flows(self, ended: Sequence[Forward], stale_udp: Sequence[Forward]) -> None:
+        for forwards, slot in ((ended, 0), (stale_udp, 1)):
+            for forward in forwards:
+                key = (forward.protocol, forward.external_address)
+                self._flow_work.setdefault(key, (set(), set()))[slot].add(forward.external_port)
+
+    @property
+    def flow_work_queued(self) -> bool:
+        return bool(self._flow_work)
+
+    def take_flow_work(self) -> FlowWork:
+        """The conntrack work queued since the last call; forwards made again meanwhile are
+        left out (their new flows must live)."""
+        work, self._flow_work = self._flow_work, {}
+        for (protocol, address), (ended, _stale) in work.items():
+            ended -= {port for port in ended if (address, protocol, port) in self.forwards}
+        return {key: sets for key, sets in work.items() if sets[0] or sets[1]}
+
+    def end_flows(self, work: FlowWork) -> int:
+        """Delete the conntrack entries `work` names (safe on a worker thread: it touches
+        conntrack only); how many. Failures are logged: the forwards stand regardless."""
+        ended_now = 0
         try:
             ct = self._ct()
-            doomed: list[ConntrackEntry] = []
-            for forward in plan.ended:
-                doomed += ct.entries(ConntrackFilter(
-                    proto=forward.protocol, orig_dst=str(forward.external_address),
-                    orig_dport=forward.external_port))
-            for forward in plan.stale_udp:
-                doomed += [e for e in ct.entries(ConntrackFilter(
-                    proto=forward.protocol, orig_dst=str(forward.external_address),
-                    orig_dport=forward.external_port)) if not e.dnat]
-            if doomed:
-                self.flows_ended += ct.delete_many(doomed)
+            for (protocol, address), (ended, stale) in work.items():
+                doomed = [entry for entry in ct.entries(ConntrackFilter(
+                    proto=protocol, orig_dst=str(address)))
+                    if entry.orig.dport in ended
+                    or (entry.orig.dport in stale and not entry.dnat)]
+                if doomed:
+                    ended_now += ct.delete_many(doomed)
         except (NetError, ValueError) as exc:
             log.warning("conntrack: cannot end the flows of changed PCP forwards: %s", exc)
+        self.flows_ended += ended_now
+        return ended_now
 
     def lookup_flow(self, lookup: LookupFlow) -> tuple[ipaddress.IPv4Address, int] | None:
         """The external address and port the kernel gave the outbound flow, or None if it
@@ -374,3 +399,4 @@ class _Plan:
     def commit(self) -> None:
         for overlay in (self.forwards, self.filters, self.peers):
             overlay.commit()
+        self.portmap._queue_flows(self.ended, self.stale_udp)

@@ -69,6 +69,7 @@ from ipshift.rsip.portmap import FAMILY, OWNER, PortMap
 log = logging.getLogger("ipshift.rsip")
 
 READ_BATCH = 64           # datagrams decided before their forwards go to the kernel together
+FLOW_SWEEP_INTERVAL = 0.1  # seconds between conntrack sweeps (each walks the whole table)
 LEASE_TICK = 5.0          # seconds between quarantine sweeps of a stand-alone lease table
 
 
@@ -101,6 +102,9 @@ class PcpResponder:
         self._pump: EnginePump | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ifindex = -1
+        self._sweep: asyncio.Future[int] | None = None
+        self._sweep_timer: asyncio.TimerHandle | None = None
+        self._last_sweep = float("-inf")
 
     # --- start and stop ----------------------------------------------------------------------
     async def start(self, rt: Runtime) -> None:
@@ -126,7 +130,7 @@ class PcpResponder:
         except NetError as exc:
             raise StartError(f"PCP: {exc} (the internal interface, INT_IF)") from exc
         self.engine = MappingEngine(config, self.authority, loop.time())
-        self._pump = EnginePump(loop, self.engine, self._apply)
+        self._pump = EnginePump(loop, self.engine, self._apply, after=self._sweep_flows)
         loop.add_reader(self._sock.fileno(), self._readable)
         self._pump.run()
         log.info("PCP/NAT-PMP on %s (%s) port %d: mappings on %s, table %s",
@@ -142,6 +146,13 @@ class PcpResponder:
             self._sock = None
         if self._pump is not None:
             self._pump.stop()
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+        if self._sweep is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._sweep), 5.0)
+            except Exception as exc:  # the table goes anyway, and the flows with it
+                log.debug("PCP: the last conntrack sweep: %s", exc)
         if self.engine is not None and loop is not None:
             self.engine.release_all(loop.time())
         if self.portmap is not None:
@@ -180,6 +191,36 @@ class PcpResponder:
         pump.run()  # the batch's forwards are in the kernel before any reply leaves
         for data, destination in replies:
             self._send(data, destination)
+
+    def _sweep_flows(self) -> None:
+        """End the flows of removed forwards (and stale UDP entries of new ones) on a worker
+        thread: one sweep at a time, at most every FLOW_SWEEP_INTERVAL, never in the way of
+        a reply."""
+        loop, portmap = self._loop, self.portmap
+        if loop is None or portmap is None or self._sweep is not None \
+                or self._sweep_timer is not None or not portmap.flow_work_queued:
+            return
+        wait = self._last_sweep + FLOW_SWEEP_INTERVAL - loop.time()
+        if wait > 0:
+            def later() -> None:
+                self._sweep_timer = None
+                self._sweep_flows()
+
+            self._sweep_timer = loop.call_later(wait, later)
+            return
+        work = portmap.take_flow_work()
+        if not work:
+            return
+        self._last_sweep = loop.time()
+        self._sweep = loop.run_in_executor(None, portmap.end_flows, work)
+        self._sweep.add_done_callback(self._swept)
+
+    def _swept(self, future: asyncio.Future[int]) -> None:
+        self._sweep = None
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("PCP: conntrack sweep failed: %s", future.exception())
+        if self._sock is not None:  # not stopping
+            self._sweep_flows()
 
     def _send(self, data: bytes, destination: tuple[str, int]) -> None:
         if self._sock is None:
