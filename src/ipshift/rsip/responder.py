@@ -13,6 +13,7 @@ its answer can be reached at once.
     responder = PcpResponder(responder_config(gateway_config, own, internal), leases)
     await responder.start(rt)         # rt: the daemon runtime (owned-state record, ...)
     responder.status(); responder.metrics()
+    responder.external_address_changed(new)   # EXT_IF renumbered: mappings go, clients told
     await responder.stop()            # the table goes, the ports go back to the leases
 
 `python -m ipshift.rsip.responder --int-if eth1 --internal 192.0.2.1/24 --external
@@ -166,6 +167,14 @@ class PcpResponder:
         if self._nft is not None:
             self._nft.close()
             self._nft = None
+
+    def external_address_changed(self, address: ipaddress.IPv4Address | None) -> None:
+        """EXT_IF's address changed (or went): every mapping goes, the epoch starts again and
+        the clients are told (for the gateway daemon's address watch)."""
+        if self.engine is None or self._pump is None or self._loop is None:
+            return
+        self.engine.set_external_address(address, self._loop.time())
+        self._pump.run()
 
     # --- requests ----------------------------------------------------------------------------
     def _readable(self) -> None:
