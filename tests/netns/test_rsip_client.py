@@ -192,6 +192,11 @@ def test_rsip_client_leases_tunnels_listens_and_cleans_up(lab: Lab, tmp_path: Pa
     assert a.run(["ping", "-c", "1", "-W", "2", HOSTS["b"]]).returncode == 0
     # ping through the tunnel: the gateway only lets identifiers of the block through
     assert a.run(["ping", "-c", "2", "-W", "3", INTERNET]).returncode == 0
+    echo = a.run(["conntrack", "-L", "-p", "icmp", "-d", INTERNET]).stdout
+    # the reply direction (the last id= of an entry) is what crossed the tunnel
+    replies = [[int(p[3:]) for p in line.split() if p.startswith("id=")][-1]
+               for line in echo.splitlines() if "id=" in line]
+    assert replies and all(first <= ident <= last for ident in replies), echo
     # -l 80: inet reaches a's web server at the public address
     seen = get(inet, f"http://{PUBLIC}:80/")
     assert seen.startswith(f"{INTERNET}:"), seen
@@ -228,6 +233,17 @@ def test_rsip_client_leases_tunnels_listens_and_cleans_up(lab: Lab, tmp_path: Pa
     as_json = json.loads(a.run([*RSIP, "client", "status", "--json", "--socket",
                                 str(client.socket)]).stdout)
     assert as_json["client"]["client_id"] == info["client_id"]
+
+    # the gateway restarts (it keeps its leases): the client connects again and carries on
+    # with the same registration and block
+    site.stop_gateway()
+    site.start_gateway()
+    wait_for("the client back", lambda: client.status()["counters"]["recoveries"] >= 1
+             and client.status()["client"]["state"] == "assigned", process=proc)
+    assert client.status()["client"]["client_id"] == info["client_id"]
+    assert client.port_range() == f"{first} {last}"
+    seen = get(a, f"http://{INTERNET}:8000/")
+    assert seen.startswith(f"{PUBLIC}:"), seen
 
     # SIGTERM: FREE every bind, DE-REGISTER, and nothing left
     assert client.stop() == 0
@@ -282,12 +298,17 @@ def test_rsip_client_over_udp_with_ipip_and_the_error_lines(lab: Lab,
     too_big.assert_clean(original)
     assert gateway_binds(site, HOSTS["c"]) == []
 
-    # RSIP over UDP (counters, retransmissions), the tunnel in IP-in-IP
+    # RSIP over UDP, the tunnel in IP-in-IP; the gateway loses the first request (one nft
+    # quota's worth), so the client must send it again
+    site.gw.nft("table ip lose_first {\n chain input {\n"
+                "  type filter hook input priority filter - 10; policy accept;\n"
+                "  udp dport 4555 quota until 40 bytes drop\n }\n}\n")
     original_b = " ".join(sysctl.read(PORT_RANGE_KEY, b.ns).split())
     client = Client(b, tmp_path, "--transport", "udp", "--tunnel", "ipip", "-m", "1400")
     client.start()
     info = client.status()["client"]
     assert (info["transport"], info["tunnel_kind"], info["mtu"]) == ("udp", "ipip", 1400)
+    assert client.status()["counters"]["retransmissions"] >= 1
     assert "mtu 1400" in b.ip("link", "show", "rsip0")
     seen = get(b, f"http://{INTERNET}:8000/")
     assert seen.startswith(f"{PUBLIC}:"), seen
