@@ -9,9 +9,11 @@ the public address; an HTTP request to inet leaves from the public address and a
 block; ping works (its identifier kept in the block); `-l 80` makes a's web server reachable
 from inet; a server started later on port 9000 is asked for and reachable, one on 8080
 (outside both gateway ranges) is refused and its listening socket closed, and a freed port
-goes back; `status` has the krsip shape; SIGTERM frees, de-registers and removes everything;
+goes back; `status` has the krsip shape; a restarted gateway (leases kept) is ridden out on
+the same registration and block; SIGTERM frees, de-registers and removes everything;
 after a kill -9 the next start removes what was left, registers again and ends clean.
-On b: RSIP over UDP with an IP-in-IP tunnel and `-m 1400`. On c: the seed's error lines
+On b: RSIP over UDP (its first request lost, so retransmitted) with an IP-in-IP tunnel,
+`-m 1400`, and the server found as the default gateway. On c: the seed's error lines
 (connection refused, MTU problem) and nothing left behind. Every wait is bounded; no timing is
 asserted.
 """
@@ -91,14 +93,15 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT,
 class Client:
     """`ipshift rsip client` on one host, and what it left in the kernel."""
 
-    def __init__(self, node: Node, workdir: Path, *args: str) -> None:
+    def __init__(self, node: Node, workdir: Path, *args: str, server: bool = True) -> None:
         self.node = node
+        self.server = ["-s", GATEWAY_INT] if server else []  # without: the default gateway
         self.socket = workdir / f"rsipclient-{node.name}.sock"
         self.args = args
         self.proc: LabProcess | None = None
 
     def command(self, *extra: str) -> list[str]:
-        return [*RSIP, "client", "-s", GATEWAY_INT, "--socket", str(self.socket),
+        return [*RSIP, "client", *self.server, "--socket", str(self.socket),
                 "--no-syslog", "-v", *self.args, *extra]
 
     def start(self) -> LabProcess:
@@ -304,10 +307,12 @@ def test_rsip_client_over_udp_with_ipip_and_the_error_lines(lab: Lab,
                 "  type filter hook input priority filter - 10; policy accept;\n"
                 "  udp dport 4555 quota until 40 bytes drop\n }\n}\n")
     original_b = " ".join(sysctl.read(PORT_RANGE_KEY, b.ns).split())
-    client = Client(b, tmp_path, "--transport", "udp", "--tunnel", "ipip", "-m", "1400")
+    client = Client(b, tmp_path, "--transport", "udp", "--tunnel", "ipip", "-m", "1400",
+                    server=False)
     client.start()
     info = client.status()["client"]
     assert (info["transport"], info["tunnel_kind"], info["mtu"]) == ("udp", "ipip", 1400)
+    assert info["server"] == GATEWAY_INT  # b's default gateway, taken for the server
     assert client.status()["counters"]["retransmissions"] >= 1
     assert "mtu 1400" in b.ip("link", "show", "rsip0")
     seen = get(b, f"http://{INTERNET}:8000/")
