@@ -36,6 +36,9 @@ COMPONENTS: tuple[Component, ...] = (
     Component("sacip", "sessions that survive address changes at either end",
               "ipshift.sacip.cli", "ipshift.sacip.demo",
               "an ssh session kept across two moves of its client", "bench.bench_sacip"),
+    Component("rsip", "Realm Specific IP gateway and client, with PCP and NAT-PMP",
+              "ipshift.rsip.cli", "ipshift.rsip.demo",
+              "two private hosts lease ports of one public address; a server behind it"),
 )
 
 #: Commands that are not components, before and after the components in `ipshift --help`.

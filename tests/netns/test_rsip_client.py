@@ -23,42 +23,30 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ipshift.ctl.client import request
-from ipshift.ctl.protocol import CtlError
-from ipshift.lab import Lab, LabProcess, Node
-from ipshift.lab.rsip_site import GATEWAY_INT, HOSTS, INTERNET, PUBLIC, RsipSite
+from ipshift.lab import Lab
+from ipshift.lab.rsip_site import (
+    GATEWAY_INT,
+    HOSTS,
+    INTERNET,
+    PORT_RANGE_KEY,
+    PUBLIC,
+    RSIP,
+    TABLE,
+    WAIT,
+    WHO,
+    Client,
+    RsipSite,
+    get,
+    wait_for,
+)
 from ipshift.net import sysctl
 
 pytestmark = pytest.mark.netns
-
-RSIP = [sys.executable, "-m", "ipshift", "rsip"]
-PORT_RANGE_KEY = "net.ipv4.ip_local_port_range"
-TABLE = "ipshift_rsipclient_rsip0"
-WAIT = 30.0
-
-# An HTTP server that answers with the address and port it was reached from.
-WHO = r"""
-import http.server, sys
-class Who(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = f"{self.client_address[0]}:{self.client_address[1]}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-server = http.server.HTTPServer((sys.argv[1], int(sys.argv[2])), Who)
-print("serving", flush=True)
-server.serve_forever()
-"""
 
 # A server that listens and reports what happens to its socket.
 LISTENER = r"""
@@ -74,88 +62,8 @@ except OSError as exc:
 """
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT,
-              process: LabProcess | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if process is not None and not process.running():
-            raise AssertionError(f"{what}: {process.name} exited {process.poll()}: "
-                                 f"{process.stderr()[-3000:]}")
-        if time.monotonic() > deadline:
-            tail = process.stderr()[-3000:] if process is not None else ""
-            raise AssertionError(f"{what}: not within {timeout:g} s {tail}")
-        time.sleep(0.1)
-
-
-class Client:
-    """`ipshift rsip client` on one host, and what it left in the kernel."""
-
-    def __init__(self, node: Node, workdir: Path, *args: str, server: bool = True) -> None:
-        self.node = node
-        self.server = ["-s", GATEWAY_INT] if server else []  # without: the default gateway
-        self.socket = workdir / f"rsipclient-{node.name}.sock"
-        self.args = args
-        self.proc: LabProcess | None = None
-
-    def command(self, *extra: str) -> list[str]:
-        return [*RSIP, "client", *self.server, "--socket", str(self.socket),
-                "--no-syslog", "-v", *self.args, *extra]
-
-    def start(self) -> LabProcess:
-        proc = self.node.spawn(self.command(), name=f"rsipclient-{self.node.name}")
-        self.proc = proc
-        wait_for("the client's tunnel", lambda: self.state() == "running", process=proc)
-        return proc
-
-    def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = request(self.socket, "status")
-        return result
-
-    def state(self) -> str | None:
-        try:
-            return str(self.status()["daemon"]["state"])
-        except (CtlError, OSError, KeyError):
-            return None
-
-    def listen_state(self, port: int) -> str | None:
-        entry = self.status().get("listens", {}).get(str(port))
-        return entry["state"] if entry else None
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        code = self.proc.stop(15)
-        self.proc = None
-        return code
-
-    # what it installed
-    def port_range(self) -> str:
-        return " ".join(sysctl.read(PORT_RANGE_KEY, self.node.ns).split())
-
-    def tables(self) -> str:
-        return self.node.run(["nft", "list", "tables"]).stdout
-
-    def has_device(self) -> bool:
-        return self.node.run(["ip", "link", "show", "rsip0"], check=False).returncode == 0
-
-    def routes(self) -> str:
-        return self.node.ip("route")
-
-    def assert_clean(self, original_range: str) -> None:
-        assert not self.has_device()
-        assert "rsip0" not in self.routes() and "proto 75" not in self.routes()
-        assert TABLE not in self.tables()
-        assert self.port_range() == original_range
-
-
-def get(node: Node, url: str) -> str:
-    return node.run(["curl", "-s", "--max-time", "10", url], timeout=20).stdout.strip()
-
-
 def gateway_binds(site: RsipSite, host: str) -> list[dict[str, Any]]:
-    return [row for row in site.gateway_status().get("binds", []) if row["client"] == host]
+    return site.gateway_binds(host)
 
 
 def test_rsip_client_leases_tunnels_listens_and_cleans_up(lab: Lab, tmp_path: Path) -> None:

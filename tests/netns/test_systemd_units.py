@@ -212,3 +212,37 @@ def test_sacip_unit(tmp_path: Path) -> None:
             manager.close()
             if proc.running():
                 proc.stop()
+
+
+def test_rsipd_unit(tmp_path: Path) -> None:
+    with Lab("unit-rsipd") as lab:
+        gw, inet, host = lab.router("gw"), lab.host("inet"), lab.host("h")
+        inside = lab.link(host, gw, "192.0.2.10/24", "192.0.2.1/24").end(gw).ifname
+        outside = lab.link(gw, inet, "203.0.113.1/24", "203.0.113.100/24").end(gw).ifname
+        etc = tmp_path / "etc"
+        (etc / "rsip").mkdir(parents=True)
+        (etc / "rsip" / "main.conf").write_text(f"INT_IF={inside}\nEXT_IF={outside}\nPCP=no\n")
+        state = tmp_path / "state"
+        state.mkdir(mode=0o700)
+        proc, manager, run_dir = run_unit(gw, "ipshift-rsipd@.service", "main", tmp_path, etc,
+                                          {"STATE_DIRECTORY": str(state)})
+        try:
+            manager.wait_for("READY=1", 20)
+            doc = request(run_dir / "rsip-main.sock", "status")
+            assert doc["daemon"]["component"] == "rsip" and doc["daemon"]["name"] == "main"
+            assert doc["gateway"]["public"] == "203.0.113.1"
+            assert (state / "rsip-main.db").stat().st_mode & 0o077 == 0
+            assert "ipshift_rsip_main" in gw.run(["nft", "list", "tables"]).stdout
+            proc.signal(signal.SIGUSR1)
+            deadline = time.monotonic() + 10
+            while not (run_dir / "rsipd-main.stat").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "RSIP server status file" in (run_dir / "rsipd-main.stat").read_text()
+            assert stop_like_systemd(proc, "ipshift-rsipd@.service") == 0, proc.stderr()
+            assert "ipshift_rsip_main" not in gw.run(["nft", "list", "tables"]).stdout
+            assert "4555" not in gw.run(["ip", "rule"]).stdout
+            assert (state / "rsip-main.db").exists()  # leases outlive the daemon
+        finally:
+            manager.close()
+            if proc.running():
+                proc.stop()

@@ -106,7 +106,9 @@ class GatewayConfig:
 
     @property
     def status_file(self) -> Path:
-        return self.stat_file or Path(f"/run/ipshift/rsipd-{self.name}.stat")
+        from ipshift.ctl.protocol import DEFAULT_DIR
+
+        return self.stat_file or DEFAULT_DIR / f"rsipd-{self.name}.stat"
 
 
 def _range(text: str, key: str) -> tuple[int, int]:

@@ -12,6 +12,10 @@ tunnel device; the tunnel's peer table then picks the client by (address, protoc
                           daddr . dport in @leases   -> mark |= MARK   (TCP, UDP)
                           echo reply, daddr . id in @echo   -> mark |= MARK
                                                         (the same blocks: ICMP identifiers)
+
+The last two only match packets in conntrack's original direction: a reply to a flow the
+gateway itself started, or masqueraded for a host that speaks no RSIP, stays with that flow
+even when its public port happens to lie in a leased block.
     rule  pref 0 fwmark MARK/MARK lookup TABLE        (before `lookup local`)
     route default dev TUNNEL table TABLE
 
@@ -57,9 +61,10 @@ chain divert {{
     ct mark & {MARK:#x} == {MARK:#x} meta mark set meta mark | {MARK:#x} return
     ip daddr @whole icmp type echo-request drop
     ip daddr @whole meta mark set meta mark | {MARK:#x} return
-    meta l4proto {{ tcp, udp }} ip daddr . th dport @leases \
+    ct direction original meta l4proto {{ tcp, udp }} ip daddr . th dport @leases \
         meta mark set meta mark | {MARK:#x} return
-    icmp type echo-reply ip daddr . icmp id @echo meta mark set meta mark | {MARK:#x} return
+    ct direction original icmp type echo-reply ip daddr . icmp id @echo \
+        meta mark set meta mark | {MARK:#x} return
 }}
 """
 

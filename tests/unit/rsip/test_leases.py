@@ -4,6 +4,7 @@ persistence round trip."""
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import socket
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def test_blocks_are_disjoint_and_fill_the_range() -> None:
         binds.append(ls.assign_ports(client.client_id, None, None, 100, None, 0.0))
     spans = sorted((b.first, b.last) for b in binds)
     assert spans[0] == (10000, 10099) and spans[-1] == (10900, 10999)
-    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(spans))
     late = ls.register("192.0.2.99", "tcp", 0.0)
     with pytest.raises(LeaseError) as err:
         ls.assign_ports(late.client_id, None, None, 100, None, 0.0)
@@ -176,7 +177,7 @@ def test_random_operations_never_overlap(ops: list[tuple[str, int, int]]) -> Non
         except LeaseError:
             pass
         spans = sorted((b.first, b.last) for b in ls.binds())
-        assert all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))
+        assert all(a[1] < b[0] for a, b in itertools.pairwise(spans))
         for c in ls.clients.values():
             assert all(c.expires >= b.expires for b in c.binds.values())
 
