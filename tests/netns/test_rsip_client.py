@@ -177,7 +177,7 @@ def test_rsip_client_leases_tunnels_listens_and_cleans_up(lab: Lab, tmp_path: Pa
     assert client.port_range() == f"{block['first']} {block['last']}"
     seen = get(a, f"http://{INTERNET}:8000/")
     assert seen.startswith(f"{PUBLIC}:"), seen
-    assert "left narrowed by a previous instance" in proc.stderr()
+    assert "left changed by a previous instance" in proc.stderr()
     assert client.stop() == 0
     client.assert_clean(original)
     assert gateway_binds(site, HOSTS["a"]) == []

@@ -9,6 +9,7 @@ from ipshift.daemon.owned import (
     NFT_TABLE,
     QUEUE_RULE,
     ROUTE_PROTOCOL,
+    SYSCTL,
     TUN_DEVICE,
     OwnedRecord,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "NFT_TABLE",
     "QUEUE_RULE",
     "ROUTE_PROTOCOL",
+    "SYSCTL",
     "TUN_DEVICE",
     "DaemonOptions",
     "EnginePump",

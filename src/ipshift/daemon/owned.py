@@ -26,6 +26,7 @@ LO_ADDRESS = "lo_address"  # "ADDRESS/PREFIXLEN"
 TUN_DEVICE = "tun_device"  # "NAME"
 ROUTE_PROTOCOL = "route_protocol"  # "NUMBER": routes and rules the instance marks with it
 QUEUE_RULE = "queue_rule"  # "FAMILY TABLE OWNER": an iptables chain feeding an NFQUEUE
+SYSCTL = "sysctl"  # "KEY=ORIGINAL VALUE": a kernel setting changed, put back on the way out
 
 
 class OwnedRecord:

@@ -48,6 +48,7 @@ from ipshift.daemon.owned import (
     NFT_TABLE,
     QUEUE_RULE,
     ROUTE_PROTOCOL,
+    SYSCTL,
     OwnedRecord,
 )
 from ipshift.ui import UserError
@@ -280,8 +281,9 @@ class Runtime:
 
 
 def remove_leftovers(record: OwnedRecord, netns: str | None, adopted: frozenset[str]) -> None:
-    """Remove the nft tables and lo addresses a killed predecessor left (those kinds the
-    service does not adopt); the record forgets each as it goes."""
+    """Remove the nft tables, routes, queue rules and lo addresses a killed predecessor left,
+    and put back the kernel settings it changed (those kinds the service does not adopt); the
+    record forgets each as it goes."""
     if NFT_TABLE not in adopted and record.left_over(NFT_TABLE):
         from ipshift.net.errors import NetError
         from ipshift.net.nft import Nft
@@ -324,6 +326,10 @@ def remove_leftovers(record: OwnedRecord, netns: str | None, adopted: frozenset[
         for cidr in gone:
             log.info("removed address %s from lo, left by a previous instance", cidr)
         record.settled(LO_ADDRESS)
+    if SYSCTL not in adopted and record.left_over(SYSCTL):
+        from ipshift.daemon.kernel import restore_left_sysctls
+
+        restore_left_sysctls(record, netns)
 
 
 def remove_protocol_routes(protocols: Iterable[str], netns: str | None) -> int:

@@ -49,7 +49,7 @@ from ipshift.daemon import (
     gauge,
     run_service,
 )
-from ipshift.net import sysctl
+from ipshift.daemon.kernel import change_sysctl, restore_sysctl
 from ipshift.net.errors import NetError
 from ipshift.net.netlink import Netlink, Route
 from ipshift.net.nft import Nft
@@ -84,7 +84,6 @@ log = logging.getLogger("ipshift.rsip.client")
 
 COMPONENT = "rsipclient"
 PROTOCOL = 75                 # routing protocol number of the client's routes
-SYSCTL = "sysctl"             # owned-state kind: "KEY=ORIGINAL VALUE", restored on the way out
 PORT_RANGE_KEY = "net.ipv4.ip_local_port_range"
 INTERNET = ("0.0.0.0/1", "128.0.0.0/1")  # together all of IPv4, each less specific than
                                          # any connected route, more than a default route
@@ -163,7 +162,6 @@ class ClientService:
         self._connection = 0  # number of the current control connection (stale ones ignored)
         self._started: asyncio.Future[Failed | None] | None = None
         self._stopped = asyncio.Event()
-        self._original_port_range: str | None = None
         self._used: dict[int, int] = {}  # bind ID -> sockets using its ports
         self.counters = {"send_failed": 0, "sockets_closed": 0, "scan_failed": 0,
                          "data_plane_errors": 0}
@@ -172,7 +170,6 @@ class ClientService:
     async def start(self, rt: Runtime) -> None:
         self._rt = rt
         rt.record.settled(TUN_DEVICE)  # gone with the process that held it
-        self._restore_port_range(rt)
         server = self.config.server or self._default_gateway()
         loop = asyncio.get_running_loop()
         self.engine = ClientEngine(self.config.settings, server)
@@ -208,18 +205,6 @@ class ClientService:
             raise StartError("no RSIP server given and no default gateway to assume: give "
                              "-s SERVER")
         return ipaddress.IPv4Address(routes[0].gateway)
-
-    def _restore_port_range(self, rt: Runtime) -> None:
-        """A killed predecessor left the port range narrowed: put back what it recorded."""
-        for item in rt.record.left_over(SYSCTL):
-            key, _, value = item.partition("=")
-            try:
-                sysctl.write(key, value, self.netns)
-                log.info("restored %s to %s, left narrowed by a previous instance", key, value)
-            except (NetError, ValueError) as exc:
-                log.warning("cannot restore %s to %s: %s", key, value, exc)
-                continue
-            rt.record.settled(SYSCTL, [item])
 
     # --- the control channel -------------------------------------------------------------------
     async def _connect(self) -> None:
@@ -452,12 +437,7 @@ class ClientService:
 
     def _narrow_port_range(self, first: int, last: int) -> None:
         assert self._rt is not None
-        if self._original_port_range is None:
-            original = " ".join(sysctl.read(PORT_RANGE_KEY, self.netns).split())
-            self._original_port_range = original
-            # recorded before the change: a kill -9 right after it is undone by the next start
-            self._rt.record.add(SYSCTL, f"{PORT_RANGE_KEY}={original}")
-        sysctl.write(PORT_RANGE_KEY, f"{first} {last}", self.netns)
+        change_sysctl(self._rt, PORT_RANGE_KEY, f"{first} {last}", self.netns)
 
     def _held_changed(self) -> None:
         """Rewrite the nft table for the binds held now (one transaction)."""
@@ -507,15 +487,8 @@ class ClientService:
                 rt.record.discard(NFT_TABLE, self._table.spec)
             except NetError as exc:
                 log.warning("removing nftables table %s: %s", self._table.spec, exc)
-        if not keep_port_range and self._original_port_range is not None:
-            original = self._original_port_range
-            try:
-                sysctl.write(PORT_RANGE_KEY, original, self.netns)
-                self._original_port_range = None
-                if rt is not None:
-                    rt.record.discard(SYSCTL, f"{PORT_RANGE_KEY}={original}")
-            except (NetError, ValueError) as exc:
-                log.warning("cannot restore %s to %s: %s", PORT_RANGE_KEY, original, exc)
+        if not keep_port_range and rt is not None:
+            restore_sysctl(rt, PORT_RANGE_KEY, self.netns)
 
     def _check_tunnel(self) -> None:
         plane = self.plane
