@@ -246,3 +246,36 @@ def test_rsipd_unit(tmp_path: Path) -> None:
             manager.close()
             if proc.running():
                 proc.stop()
+
+
+def test_rsipclient_unit(tmp_path: Path) -> None:
+    from ipshift.lab.rsip_site import PUBLIC, TABLE, RsipSite
+
+    with Lab("unit-rsipc") as lab:
+        site = RsipSite(lab, tmp_path / "site")
+        site.start_gateway()
+        a = site.host("a")
+        etc = tmp_path / "etc"
+        (etc / "rsip").mkdir(parents=True)
+        (etc / "rsip" / "client-rsip0.conf").write_text("RSIPCLIENT_OPTIONS=-s 192.0.2.1 -l 80\n")
+        original = a.run(["sysctl", "-n", "net.ipv4.ip_local_port_range"]).stdout.split()
+        proc, manager, run_dir = run_unit(a, "ipshift-rsipclient@.service", "rsip0", tmp_path,
+                                          etc)
+        try:
+            manager.wait_for("READY=1", 30)
+            doc = request(run_dir / "rsipclient-rsip0.sock", "status")
+            assert doc["daemon"]["component"] == "rsipclient"
+            assert doc["client"]["state"] == "assigned"
+            assert f"{PUBLIC}/32" in a.ip("-o", "addr", "show", "rsip0")
+            assert [b["first"] for b in doc["binds"] if b["kind"] == "listen"] == [80]
+            assert stop_like_systemd(proc, "ipshift-rsipclient@.service") == 0, proc.stderr()
+            assert a.run(["ip", "link", "show", "rsip0"], check=False).returncode != 0
+            assert TABLE not in a.run(["nft", "list", "tables"]).stdout
+            assert a.run(["sysctl", "-n", "net.ipv4.ip_local_port_range"]).stdout.split() \
+                == original
+            assert site.gateway_binds("192.0.2.10") == []
+        finally:
+            manager.close()
+            if proc.running():
+                proc.stop()
+            site.stop_gateway()
