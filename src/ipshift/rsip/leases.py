@@ -28,6 +28,7 @@ from enum import IntEnum, StrEnum
 IPv4 = ipaddress.IPv4Address
 
 MIN_LEASE = 10.0  # seconds: a shorter requested lease is raised to this
+UNPRIVILEGED = 1024  # the first port a PCP/NAT-PMP host may name outside LISTEN_RANGE
 PORT_SPACE = (1, 0xFFFF)
 
 
@@ -210,6 +211,7 @@ class Leases:
         self._by_host: dict[str, int] = {}
         self._holdings: dict[IPv4, _Holdings] = {a: _Holdings() for a in policy.pool}
         self._hint: dict[IPv4, int] = {a: policy.port_range[0] for a in policy.pool}
+        self._mapping_owners: dict[str, int] = {}
         self._next_client = 1
         # (expiry, registration?, client, bind or 0): a registration's timer comes after its
         # binds' of the same moment; stale entries are skipped
@@ -477,14 +479,20 @@ class Leases:
 
     def claim(self, owner: str, address: IPv4, protocol: int, port: int | None,
               lifetime: float, now: float) -> int | None:
-        """Reserve `port` (or any free port of PORT_RANGE) at `address` for a port forward."""
+        """Reserve `port` (or any free port of PORT_RANGE) at `address` for a port forward.
+
+        A port asked for by number is given if it is free and unprivileged (1024 and up, as
+        miniupnpd allows by default) or in LISTEN_RANGE (well-known ports the operator lets
+        hosts take); otherwise another port of PORT_RANGE comes back, which the caller may
+        refuse. So a host cannot take the gateway's own ssh port unless LISTEN_RANGE says so. The forward's lifetime is the caller's to keep: it
+        calls `release` when the forward ends."""
         if address not in self._holdings:
             return None
         held = self._holdings[address]
         if held.whole is not None:
             return None
         key = self._mapping_owner(owner)
-        if port is not None and 1 <= port <= 0xFFFF and not held.overlaps(port, port):
+        if port is not None and self._leasable(port) and not held.overlaps(port, port):
             first = port
         else:
             low, high = self.policy.port_range
@@ -507,10 +515,17 @@ class Leases:
                 held.add(port, port, now + self.policy.quarantine)
                 heapq.heappush(self._quarantine, (now + self.policy.quarantine, address, port))
 
-    @staticmethod
-    def _mapping_owner(owner: str) -> int:
-        # Port forwards are held under negative "client" numbers so no RSIP client collides.
-        return -(hash(owner) & 0x7FFFFFFF) - 1
+    def _leasable(self, port: int) -> bool:
+        low, high = self.policy.listen_range
+        return UNPRIVILEGED <= port <= PORT_SPACE[1] or low <= port <= high
+
+    def _mapping_owner(self, owner: str) -> int:
+        # Port forwards are held under negative "client" numbers, one per owner, given out in
+        # order: no RSIP client and no other owner can share one.
+        number = self._mapping_owners.get(owner)
+        if number is None:
+            number = self._mapping_owners[owner] = -len(self._mapping_owners) - 1
+        return number
 
     # --- views and persistence -------------------------------------------------------------
 

@@ -145,6 +145,16 @@ def test_pcp_claims_share_the_port_space() -> None:
     assert ls.claim("pcp:other", A, socket.IPPROTO_TCP, 8080, 60.0, 2.0) != 8080  # quarantine
 
 
+def test_pcp_claims_of_privileged_ports_only_in_listen_range() -> None:
+    ls = leases(port_range=(10000, 10009), listen_range=(80, 80))
+    assert ls.claim("pcp:192.0.2.20", A, socket.IPPROTO_TCP, 80, 60.0, 0.0) == 80
+    # the gateway's own ssh port: another port comes back
+    assert ls.claim("pcp:192.0.2.20", A, socket.IPPROTO_TCP, 22, 60.0, 0.0) == 10000
+    # owners are told apart exactly: a second owner cannot release the first one's port
+    ls.release("pcp:192.0.2.21", A, socket.IPPROTO_TCP, 80, 1.0)
+    assert ls.claim("pcp:192.0.2.21", A, socket.IPPROTO_TCP, 80, 60.0, 2.0) != 80
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["reg", "assign", "listen", "free", "extend",
                                             "expire", "dereg"]),
