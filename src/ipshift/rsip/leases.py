@@ -484,8 +484,8 @@ class Leases:
         A port asked for by number is given if it is free and unprivileged (1024 and up, as
         miniupnpd allows by default) or in LISTEN_RANGE (well-known ports the operator lets
         hosts take); otherwise another port of PORT_RANGE comes back, which the caller may
-        refuse. So a host cannot take the gateway's own ssh port unless LISTEN_RANGE says so. The forward's lifetime is the caller's to keep: it
-        calls `release` when the forward ends."""
+        refuse. So a host cannot take the gateway's own ssh port unless LISTEN_RANGE says so.
+        The forward's lifetime is the caller's to keep: it calls `release` when it ends."""
         if address not in self._holdings:
             return None
         held = self._holdings[address]
