@@ -89,6 +89,29 @@ def test_tcp_connect_during_dial_keeps_working(lab, tmp_path):
     resend.stop()
 
 
+def test_tcp_dial_outlives_the_liveness_checks_on_a_host_without_conntrack(lab, tmp_path):
+    """A plain host (no NAT, no stateful rule: the kernel tracks nothing) keeps a connection
+    made during the dial for as long as its socket lives, well past the 2 s liveness check."""
+    d = Dial(lab, tmp_path)
+    rules = d.home.run(["nft", "list", "ruleset"]).stdout
+    assert "ct " not in rules and "masquerade" not in rules, rules
+    resend = d.start_resend()
+    client = (
+        "import socket, time\n"
+        f"s = socket.create_connection(('{DNS4}', 7), timeout=8)\n"
+        "for i in range(14):\n"
+        "    s.sendall(b'hello %d\\n' % i)\n"
+        "    data = s.recv(100)\n"
+        "    assert data == b'hello %d\\n' % i, data\n"
+        "    time.sleep(0.5)\n"
+        "print('echoed', flush=True)\n"
+    )
+    res = d.home.run([sys.executable, "-c", client], check=False, timeout=30)
+    assert "echoed" in res.stdout, res.stderr + resend.stderr()
+    assert "all flows finished" not in resend.stderr()
+    resend.stop()
+
+
 def test_persistent_daemon_accelerates_every_dial_and_cleans_up(lab, tmp_path):
     d = Dial(lab, tmp_path, idle=1.0)
     resend = d.start_resend("--persistent")

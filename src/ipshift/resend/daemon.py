@@ -39,6 +39,7 @@ from ipshift.net.nft import Nft
 from ipshift.net.packetsock import PacketSocket
 from ipshift.net.rawsock import RawSocket
 from ipshift.net.remap import Direction, FlowRemaps, Remap
+from ipshift.net.sockdiag import SockDiag
 from ipshift.resend.engine import (
     Action,
     CheckFlows,
@@ -92,6 +93,7 @@ class ResendDaemon:
         self._netlink: Netlink | None = None
         self._watcher: KernelWatcher | None = None
         self._conntrack: Conntrack | None = None
+        self._sockdiag: SockDiag | None = None
         self._lo: LoAddresses | None = None
         self._out_sock: PacketSocket | None = None
         self._in_sock: PacketSocket | None = None
@@ -153,10 +155,10 @@ class ResendDaemon:
             self._nft = None
         if self._lo is not None:
             self._lo.release_all()
-        for handle in (self._conntrack, self._netlink):
+        for handle in (self._conntrack, self._sockdiag, self._netlink):
             if handle is not None:
                 handle.close()
-        self._conntrack = self._netlink = None
+        self._conntrack = self._sockdiag = self._netlink = None
 
     # --- actions --------------------------------------------------------------------------
     def _apply_all(self, actions: Sequence[Action]) -> None:
@@ -347,11 +349,29 @@ class ResendDaemon:
             self._lo.release(m.inner_addr)
 
     def _check_flows(self, action: CheckFlows) -> None:
+        """A TCP mapping lives as long as its connection. This host's own connection is its
+        socket (sock_diag: also TIME_WAIT, so late segments are still mapped); conntrack
+        would not do, since the kernel tracks nothing on a host whose rules never ask for it.
+        A masqueraded one is its conntrack entry (masquerading needs conntrack)."""
         assert self._conntrack is not None and self._loop is not None
         gone = []
         for m in action.mappings:
-            alive = self._conntrack.entries(orig_src=m.inner_addr, orig_dst=m.peer, proto=m.proto,
-                                            orig_sport=m.inner_port, orig_dport=m.peer_port)
+            try:
+                if m.keep_inner_local:
+                    if self._sockdiag is None:
+                        self._sockdiag = SockDiag(self.netns)
+                    alive = bool(self._sockdiag.sockets(
+                        "tcp", src=m.inner_addr, sport=m.inner_port, dst=m.peer,
+                        dport=m.peer_port))
+                else:
+                    alive = bool(self._conntrack.entries(
+                        orig_src=m.inner_addr, orig_dst=m.peer, proto=m.proto,
+                        orig_sport=m.inner_port, orig_dport=m.peer_port))
+            except NetError as exc:
+                self.errors += 1
+                log.warning("cannot tell whether %s:%d -> %s:%d is still open: %s",
+                            m.inner_addr, m.inner_port, m.peer, m.peer_port, exc)
+                continue  # kept: asked again at the next check
             if not alive:
                 gone.append(m)
         if gone:

@@ -432,7 +432,7 @@ class ResendEngine:
     @property
     def wants_replies(self) -> bool:
         """Whether incoming packets still matter: from the first capture until every reply is
-        in, then while UDP/ICMP mappings linger (TCP mappings are followed in conntrack)."""
+        in, then while UDP/ICMP mappings linger (TCP mappings live as long as their connection)."""
         if self.state in ("captured", "awaiting"):
             return True
         return self.state == "holding" and any(
