@@ -6,6 +6,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from ipshift.lab.scenarios import DialupSite
 from tests.netns.conftest import need
 
@@ -89,12 +91,20 @@ def test_tcp_connect_during_dial_keeps_working(lab, tmp_path):
     resend.stop()
 
 
-def test_tcp_dial_outlives_the_liveness_checks_on_a_host_without_conntrack(lab, tmp_path):
-    """A plain host (no NAT, no stateful rule: the kernel tracks nothing) keeps a connection
-    made during the dial for as long as its socket lives, well past the 2 s liveness check."""
+@pytest.mark.parametrize("stateful", [False, True], ids=["plain-host", "stateful-firewall"])
+def test_tcp_dial_outlives_the_liveness_checks_on_a_host_without_conntrack(lab, tmp_path,
+                                                                          stateful):
+    """A plain host (no NAT, no stateful rule: the kernel tracks nothing) and one with a
+    stateful firewall both keep a connection made during the dial for as long as its socket
+    lives, well past the 2 s liveness check."""
     d = Dial(lab, tmp_path)
     rules = d.home.run(["nft", "list", "ruleset"]).stdout
     assert "ct " not in rules and "masquerade" not in rules, rules
+    if stateful:
+        d.home.nft("table inet fw {\n chain input {\n"
+                   "  type filter hook input priority filter; policy drop;\n"
+                   "  iif lo accept\n  ct state established,related accept\n"
+                   "  meta l4proto { icmp, ipv6-icmp } accept\n }\n}\n")
     resend = d.start_resend()
     client = (
         "import socket, time\n"
