@@ -122,6 +122,24 @@ def test_tcp_dial_outlives_the_liveness_checks_on_a_host_without_conntrack(lab, 
     resend.stop()
 
 
+def test_started_while_the_link_is_up_it_waits_for_the_next_dial(lab, tmp_path):
+    """Ordinary traffic on a link that is already up is not a dial: the one-shot instance
+    sees its replies, waits for the link to go down, and accelerates the next dial."""
+    d = Dial(lab, tmp_path)
+    d.home.run(["ping", "-c", "1", "-W", "1", DNS4], check=False, timeout=10)
+    assert d.wait_dial_events("up", 1)
+    resend = d.start_resend()  # one-shot, as the seed's boot line
+    assert _dig(d.home, DNS4, timeout=3).stdout.strip() == A  # the link is up: answered
+    assert d.wait_resend_state("linkup"), resend.stderr()
+    assert "ordinary traffic, not a dial" in resend.stderr()
+    d.hang_up()
+    assert d.wait_resend_state("armed"), resend.stderr()
+    res = _dig(d.home, DNS4, timeout=4)  # a dial: only a resend answers a single try
+    assert res.stdout.strip() == A, resend.stderr()
+    assert resend.wait(20) == 0  # one cycle, as one-shot does
+    assert _kernel_state(d.home) == (False, False)
+
+
 def test_persistent_daemon_accelerates_every_dial_and_cleans_up(lab, tmp_path):
     d = Dial(lab, tmp_path, idle=1.0)
     resend = d.start_resend("--persistent")

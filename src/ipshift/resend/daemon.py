@@ -128,6 +128,7 @@ class ResendDaemon:
         # the view is re-read after an overrun (the callback then runs as well)
         self._watcher = KernelWatcher(self.netns, ("link", "address"), netlink=self._netlink)
         self._watcher.on_addresses_changed(self.outgoing, self._on_addresses)
+        self.engine.present = {a.address for a in self._watcher.addresses_of(self.outgoing)}
         assert self._loop is not None
         self._loop.add_reader(self._watcher.fileno(), self._watcher.read)
         self._nft = Nft(self.netns)
@@ -201,8 +202,11 @@ class ResendDaemon:
         assert self._loop is not None
         want_out = self.engine.state in ("armed", "captured")
         # open for replies before the wakeup (they can arrive right after the resend) and
-        # while UDP/ICMP mappings linger; closed while only TCP mappings remain
-        want_in = self.engine.wants_replies
+        # while UDP/ICMP mappings linger; closed while only TCP mappings remain. Also open
+        # while armed: on a link that is already up the reply to the first captured packet
+        # comes within microseconds, before a socket opened at the capture could see it, and
+        # that reply is what tells ordinary traffic from a dial.
+        want_in = self.engine.wants_replies or self.engine.state == "armed"
         if want_out and self._out_sock is None:
             self._out_sock = PacketSocket(self.snoop, netns=self.netns, direction="out")
             self._loop.add_reader(self._out_sock.fileno(), self._read, self._out_sock, True)
@@ -382,6 +386,7 @@ class ResendDaemon:
         lost address means for the cycle."""
         assert self._loop is not None
         present = {a.address for a in addresses}
+        self.engine.present = present
         lost = sorted(self.engine.link_addresses - present)
         for addr in lost:
             self.engine.address_lost(addr, self._loop.time())

@@ -169,6 +169,8 @@ class ResendEngine:
     last_cycle: str = ""
     #: the addresses of the last wakeup while the link is up; the adapter reports their loss
     link_addresses: set[str] = field(default_factory=set)
+    #: the interface's addresses now (the adapter keeps this up to date)
+    present: set[str] = field(default_factory=set)
 
     # --- events ---------------------------------------------------------------------------
     def packet_out(self, data: bytes, now: float) -> None:
@@ -270,10 +272,18 @@ class ResendEngine:
 
     def packet_in(self, data: bytes, now: float) -> None:
         """An incoming packet on the outgoing interface (before the kernel's rewrite)."""
-        if self.state not in ("awaiting", "holding"):
+        if self.state not in ("captured", "awaiting", "holding"):
             return
         info = describe(data, outgoing=False)
         if info is None or isinstance(info, str):
+            return
+        if self.state == "captured":
+            # A reply to a captured packet, to an address the interface holds now: the link
+            # carries traffic with it. (During a dial the placeholder is gone by the time a
+            # stale reply could come back, so that one never counts.)
+            if info.key.local in self.present and any(
+                    c.info.key == info.key for c in self._captured):
+                self._link_was_up(info.key.local)
             return
         flow = self._flows.get(info.key)
         if flow is None:
@@ -288,6 +298,21 @@ class ResendEngine:
                 self._all_answered(now)
         elif flow.key.proto != PROTO_TCP:
             self._deadline = self._linger_deadline()  # this flow's mapping lingers on
+
+    def _link_was_up(self, address: str) -> None:
+        """A captured packet got its reply: the link was up with its source address (an
+        instance started while the link was up, or traffic between ip-up and the wakeup), so
+        what was captured is ordinary traffic, not the first packets of a dial. Nothing is
+        resent; the engine waits, as after a wakeup, for that address to go."""
+        log.info("a reply to %s arrived: the link is up with %s; ordinary traffic, not a dial",
+                 address, address)
+        self.counters.ignored += len(self._captured)
+        self._captured.clear()
+        self._seen.clear()
+        self._foreign.clear()
+        self._deadline = None
+        self.link_addresses = {address}
+        self.state = "linkup"
 
     def flows_gone(self, mappings: list[FlowMapping], now: float) -> None:
         """The adapter found no connection any more for these (TCP) mappings."""

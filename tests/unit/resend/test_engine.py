@@ -467,3 +467,37 @@ def test_wakeup_fuzz_only_typed_errors(words):
     for action in e.actions():
         if isinstance(action, MapFlow):
             assert "%" not in action.mapping.outer_addr
+
+
+def test_a_reply_while_captured_means_the_link_was_already_up():
+    # started while the link is up: ordinary traffic is captured, then its reply comes
+    e = ResendEngine(ResendConfig(persistent=False))
+    e.present = {NEW}
+    e.packet_out(dns_query(src=NEW), 0.0)
+    assert e.state == "captured"
+    e.packet_in(dns_reply(dst=NEW), 0.05)
+    assert e.state == "linkup" and e.link_addresses == {NEW}
+    assert not any(isinstance(a, Resend | MapFlow | CycleDone) for a in e.actions())
+    e.handle_timer(20.0)  # the wakeup limit means nothing now
+    assert e.state == "linkup"
+    e.packet_out(dns_query(src=NEW, sport=40001), 21.0)
+    assert e.counters.captured == 1  # nothing more captured while up
+    # the link goes down (its address leaves): the next dial is captured and resent
+    e.present = {OLD}
+    e.address_lost(NEW, 30.0)
+    assert e.state == "armed"
+    e.packet_out(dns_query(), 31.0)
+    assert e.state == "captured"
+    e.present = {NEW}
+    assert "resent" in e.wakeup(NEW, 32.0)
+
+
+def test_a_stale_reply_during_a_dial_does_not_count_as_the_link_up():
+    # the placeholder is gone when a reply to it could come back: still a dial
+    e = ResendEngine()
+    e.present = {OLD}
+    e.packet_out(dns_query(), 0.0)
+    e.present = {NEW}  # IPCP replaced the placeholder
+    e.packet_in(dns_reply(dst=OLD), 1.0)
+    assert e.state == "captured"
+    assert "resent" in e.wakeup(NEW, 1.1)
