@@ -49,7 +49,8 @@ class Net:
     holds L)."""
 
     nodes: dict[int, NodeEngine] = field(default_factory=dict)
-    delivered: list[tuple[int, int, bytes | None]] = field(default_factory=list)  # (to, from, nonce)
+    #: (to, from, nonce) of every data packet delivered
+    delivered: list[tuple[int, int, bytes | None]] = field(default_factory=list)
     lost: int = 0
 
     def add(self, e: NodeEngine) -> NodeEngine:
@@ -72,24 +73,19 @@ class Net:
         if decision.verdict is Verdict.DELIVER and update is None:
             self.delivered.append((hop_nid, src, arrival.nonce))
         if decision.verdict is Verdict.FORWARD:
+            # a router passes it on: the addresses stay the sender's, the hop changes
             assert decision.route is not None
-            fwd = Route(decision.route.nid, decision.route.local, route.remote,
-                        decision.route.next_hop, route.nonce)
-            # the source locator stays the sender's; the router only passes it on
-            hop = self.nodes[decision.route.next_hop[1]] if decision.route.next_hop[1] in \
-                self.nodes else None
-            if hop is None or decision.route.next_hop[0] not in hop.own:
+            hop_locator, hop_nid = decision.route.next_hop
+            hop = self.nodes.get(hop_nid)
+            if hop is None or hop_locator not in hop.own:
                 self.lost += 1
                 return
             arrival = Arrival(route.local, src, route.remote, route.nid, arrival.nonce,
-                              decision.route.next_hop[0], hop_limit - 1)
+                              hop_locator, hop_limit - 1)
             if update is not None:
                 hop.locator_update(arrival, update, now)
-            else:
-                d = hop.inbound(arrival, now)
-                if d.verdict is Verdict.DELIVER:
-                    self.delivered.append((hop.config.nid, src, arrival.nonce))
-            del fwd
+            elif hop.inbound(arrival, now).verdict is Verdict.DELIVER:
+                self.delivered.append((hop_nid, src, arrival.nonce))
 
     def send(self, src: int, dst: int, now: float) -> Route | None:
         """A data packet src -> dst (resolved first if need be, as the adapter would)."""
@@ -232,7 +228,7 @@ def test_data_from_an_unknown_locator_needs_the_nonce() -> None:
 
 
 def test_unanswered_updates_are_retried_with_linear_backoff_then_given_up() -> None:
-    net, mn, cn = pair()
+    net, mn, _ = pair()
     net.send(MN, CN, 0.0)
     net.send(CN, MN, 0.0)
     mn.set_locators({L2: Own(10)}, 1.0)  # CN is not on L2 and there is no router: all lost
@@ -304,7 +300,7 @@ def test_a_router_forwards_between_locators_with_a_hop_limit() -> None:
 
 
 def test_idle_correspondents_are_forgotten_and_unresolved_queues_dropped() -> None:
-    net, mn, cn = pair()
+    net, mn, _ = pair()
     assert mn.outbound(0x5555, b"q", 0.0) is None
     assert mn.actions() == [Resolve(0x5555)]
     mn.handle_timer(5.0)  # resolve_wait
@@ -329,7 +325,7 @@ def test_no_locator_drops_and_config_errors() -> None:
 
 
 def test_status_rows_show_no_nonce_values() -> None:
-    net, mn, cn = pair()
+    net, mn, _ = pair()
     net.send(MN, CN, 0.0)
     rows = mn.status_rows(0.5)
     assert rows[0]["nid"] == nid_text(CN) == "0000:0000:0000:2222"
