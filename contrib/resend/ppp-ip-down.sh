@@ -8,6 +8,7 @@ command -v ip_resend_wakeup >/dev/null 2>&1 || exit 0
 if systemctl is-active --quiet "ip_resend@$1.service" 2>/dev/null; then
     ip_resend_wakeup -m stop -o "$1" || true
 else
-    ip_resend_wakeup -m term -o "$1" >/dev/null 2>&1 || true
+    # The seed's line. If the last instance still finishes its cycle (a TCP connection of the
+    # dial lives on), it takes the next dial over and this one exits at once.
     ip_resend -o "$1" </dev/null >/dev/null 2>&1 &
 fi

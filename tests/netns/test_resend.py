@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -23,6 +24,16 @@ def Dial(lab, tmp_path, **kwargs):
 def _dig(node, server, qtype="A", timeout=6):
     return node.run(["dig", "+tries=1", f"+timeout={timeout}", "+short", f"@{server}", NAME,
                      qtype], check=False, timeout=timeout + 10)
+
+
+def _printed(proc, text, count, timeout=10.0):
+    """Whether `proc` has printed `text` `count` times within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while proc.stdout().count(text) < count:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _kernel_state(node, table="ipshift_resend_ppp0"):
@@ -140,6 +151,59 @@ def test_started_while_the_link_is_up_it_waits_for_the_next_dial(lab, tmp_path):
     assert _kernel_state(d.home) == (False, False)
 
 
+def test_the_seeds_own_lines_across_a_tcp_dial_then_a_lookup_dial(lab, tmp_path):
+    """ip-up: `ip_resend_wakeup -m $4 -o $1`; ip-down: `exec ip_resend -o $1`, as the seed
+    writes them, across a TCP dial whose connection still lives when the link goes down, then
+    a lookup dial: the lookup is accelerated and every wakeup exits 0. Which instance serves
+    the second dial depends on who sees the link go down first: the first one (a later
+    `ip_resend -o` hands the dial to it) or the one ip-down started (the first one ended its
+    cycle when the address went)."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    up, down = hooks / "ip-up", hooks / "ip-down"
+    up.write_text("#!/bin/sh\nip_resend_wakeup -m $4 -o $1\necho wakeup-exit=$?\n")
+    down.write_text("#!/bin/sh\nexec ip_resend -o $1\n")
+    up.chmod(0o755)
+    down.chmod(0o755)
+    d = Dial(lab, tmp_path, ip_up=up, ip_down=down)
+    first = d.start_resend()  # the boot line: ip_resend -o ppp0 &
+    client = _tcp_client(d)
+    assert _printed(d.dialup, "wakeup-exit=0", 1), d.dialup.stdout()
+    # A later one-shot start while this dial's connection lives: the running one takes the
+    # next dial over (what ip-down's line does whenever it runs before the old instance has
+    # seen the link go down), and the new one exits at once.
+    later = d.home.run(["ip_resend", "-o", "ppp0"], env=d.env, timeout=20)
+    assert "the running instance on ppp0 takes over" in later.stdout, later.stderr
+    d.hang_up()  # ip-down runs `exec ip_resend -o ppp0`
+    assert d.wait_resend_state("armed"), d.dialup.stderr() + first.stderr()
+    res = _dig(d.home, DNS4, timeout=4)  # one try: only a resend answers it
+    assert res.stdout.strip() == A, d.dialup.stderr() + first.stderr()
+    assert _printed(d.dialup, "wakeup-exit=0", 2), d.dialup.stdout()
+    client.stop()
+    # both one-shot instances end with their cycles; the second one at its wakeup limit
+    assert first.wait(20) == 0, first.stderr()
+    d.home.run([sys.executable, "-m", "ipshift", "resend", "stop", "-o", "ppp0"], env=d.env,
+               check=False, timeout=20)
+    deadline = time.monotonic() + 15
+    while d.status() is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert d.status() is None
+    assert _kernel_state(d.home) == (False, False)
+
+
+def _tcp_client(d):
+    """A TCP connection made during a dial, echoed once, then kept open for 30 s."""
+    client = d.home.spawn([sys.executable, "-c", (
+        "import socket, time\n"
+        f"s = socket.create_connection(('{DNS4}', 7), timeout=8)\n"
+        "s.sendall(b'hello\\n')\n"
+        "assert s.recv(100) == b'hello\\n'\n"
+        "print('echoed', flush=True)\n"
+        "time.sleep(30)\n")], name="tcp-client")
+    assert client.wait_for_output("echoed", 15), client.stderr()
+    return client
+
+
 def test_persistent_daemon_accelerates_every_dial_and_cleans_up(lab, tmp_path):
     d = Dial(lab, tmp_path, idle=1.0)
     resend = d.start_resend("--persistent")
@@ -158,16 +222,21 @@ def test_persistent_daemon_accelerates_every_dial_and_cleans_up(lab, tmp_path):
 def test_out_of_sync_states(lab, tmp_path):
     d = Dial(lab, tmp_path)
     resend = d.start_resend("--persistent")
-    # a second instance on the same socket is refused clearly
+    # a one-shot start beside it has nothing to do (the running one arms for every dial)
     second = d.home.run([sys.executable, "-m", "ipshift", "resend", "run", "-o", "ppp0"],
                         env=d.env, check=False, timeout=20)
+    assert second.returncode == 0
+    assert "the running instance on ppp0 runs persistently" in second.stdout
+    # a second persistent instance on the same socket is refused clearly
+    second = d.home.run([sys.executable, "-m", "ipshift", "resend", "run", "-o", "ppp0",
+                         "--persistent"], env=d.env, check=False, timeout=20)
     assert second.returncode != 0
     assert "already running" in second.stderr
     # so is one on the same interface with another control socket, which leaves the first's
     # nftables table alone
     other = d.run_dir / "resend" / "other"
     second = d.home.run([sys.executable, "-m", "ipshift", "resend", "run", "-o", "ppp0", "-c",
-                         str(other)], env=d.env, check=False, timeout=20)
+                         str(other), "--persistent"], env=d.env, check=False, timeout=20)
     assert second.returncode == 2
     assert "another resend 'ppp0' is already running" in second.stderr
     tables = d.home.run(["nft", "list", "tables"]).stdout
@@ -176,10 +245,12 @@ def test_out_of_sync_states(lab, tmp_path):
     bad = d.home.run([sys.executable, "-m", "ipshift.resend.wakeup", "-m", "hello", "-o",
                       "ppp0"], env=d.env, check=False)
     assert bad.returncode == 2 and "not an address" in bad.stderr
-    # a wakeup with nothing captured is answered, nothing breaks
+    # a wakeup with nothing captured is answered, nothing breaks; it accelerated nothing,
+    # so it exits 1 and says so
     ok = d.home.run([sys.executable, "-m", "ipshift.resend.wakeup", "-m", "203.0.113.150",
-                     "-o", "ppp0"], env=d.env)
-    assert "nothing captured" in ok.stdout
+                     "-o", "ppp0"], env=d.env, check=False)
+    assert "nothing captured" in ok.stdout and ok.returncode == 1
+    assert "nothing was accelerated" in ok.stderr
     # that address is not on ppp0, so the daemon sees the "link" gone and captures again
     assert d.status()["state"] == "armed"
     d.home.run([sys.executable, "-m", "ipshift.resend.wakeup", "-m", "stop", "-o", "ppp0"],

@@ -42,6 +42,7 @@ class DialupSite:
         idle: float = 0.0,
         delay: float = 1.0,
         ip_up: Path | None = None,
+        ip_down: Path | None = None,
     ) -> None:
         self.lab = lab
         self.run_dir = run_dir
@@ -67,6 +68,8 @@ class DialupSite:
         self.home.set_resolv_conf(f"nameserver {self.DNS4}\n")
         hook = ip_up or CONTRIB / "resend" / "ppp-ip-up.sh"
         args = ["--delay", str(delay), "--ip-up", str(hook), "--idle", str(idle)]
+        if ip_down is not None:
+            args += ["--ip-down", str(ip_down)]
         if v6:
             args += ["--placeholder6", "2001:db8:ffff::99",
                      "--pool6", "2001:db8:100::10-2001:db8:100::ff"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from ipshift.resend.engine import ResendConfig
 from ipshift.resend.wakeup import (
     SOCKET_DIR,
     WakeupFailed,
+    accelerated,
     add_target_options,
     default_socket,
     send_wakeup,
@@ -87,9 +89,32 @@ def _run(args: argparse.Namespace) -> int:
     options = options_from_args(args, socket=sock)
     if os.geteuid() != 0:
         raise UserError("ip_resend captures packets and changes nftables: run it as root")
+    if not args.persistent and _handed_over(sock, args.outgoing):
+        return 0
     start_logging(args, min(args.debug, 2), "ip_resend")
     return run_daemon(config, outgoing=args.outgoing, snoop=args.snoop or args.outgoing,
                       socket=sock, metrics=options.metrics)
+
+
+def _handed_over(sock: Path, outgoing: str) -> bool:
+    """A one-shot start while an instance for the interface still finishes its cycle (pppd's
+    ip-down runs the seed's `exec ip_resend -o $1` right after a dial whose TCP connection
+    lives on): that instance takes the next dial over, and this one has nothing to do. An
+    instance that is ending is waited for (up to 5 s), then this one starts."""
+    import time
+
+    from ipshift.ctl import CtlError, request
+
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            answer = str(request(sock, "take-over"))
+        except CtlError:
+            return False  # none running (or one too old to take over): start as usual
+        if answer != "is ending" or time.monotonic() > deadline:
+            print(f"ip_resend: the running instance on {outgoing} {answer}")
+            return True
+        time.sleep(0.1)
 
 
 def _socket_for(args: argparse.Namespace) -> Path:
@@ -101,9 +126,13 @@ def _socket_for(args: argparse.Namespace) -> Path:
 
 def _wakeup(args: argparse.Namespace) -> int:
     try:
-        print(f"ip_resend: {send_wakeup(_socket_for(args), args.message)}")
+        answer = send_wakeup(_socket_for(args), args.message)
     except WakeupFailed as exc:
         raise UserError(str(exc)) from exc
+    print(f"ip_resend: {answer}")
+    if not accelerated(args.message, answer):
+        print(f"ipshift resend wakeup: nothing was accelerated ({answer})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -107,6 +107,7 @@ class ResendDaemon:
         self._rt = rt
         self._loop = rt.loop
         rt.method("wakeup", self._on_wakeup)
+        rt.method("take-over", self._on_take_over)
         try:
             self._open_kernel(rt)
         except (NetError, OSError) as exc:
@@ -247,6 +248,11 @@ class ResendDaemon:
         return sock
 
     # --- control --------------------------------------------------------------------------
+    def _on_take_over(self, params: dict[str, Any]) -> str:
+        answer = self.engine.take_over_next_dial()
+        log.info("a new instance was started for %s: this one %s", self.outgoing, answer)
+        return answer
+
     def _on_wakeup(self, params: dict[str, Any]) -> str:
         assert self._loop is not None
         message = params.get("message")

@@ -171,6 +171,8 @@ class ResendEngine:
     link_addresses: set[str] = field(default_factory=set)
     #: the interface's addresses now (the adapter keeps this up to date)
     present: set[str] = field(default_factory=set)
+    #: a later one-shot instance handed its dial to this one (see `take_over_next_dial`)
+    handover: bool = False
 
     # --- events ---------------------------------------------------------------------------
     def packet_out(self, data: bytes, now: float) -> None:
@@ -269,6 +271,20 @@ class ResendEngine:
             self._end_cycle("wakeup with nothing captured", rearm=self.config.persistent)
             return "nothing captured"
         return self._resend(addresses, now)
+
+    def take_over_next_dial(self) -> str:
+        """A new one-shot instance for this interface was started (pppd's ip-down runs the
+        seed's `exec ip_resend -o $1` while this cycle's mappings may still live, e.g. a TCP
+        connection's): instead of a second instance, this one arms for the next dial when
+        its cycle ends. Returns what to tell the new instance."""
+        if self.config.persistent:
+            return "runs persistently: it arms for every dial"
+        if self.state == "armed":
+            return "is armed for the next dial"
+        if self.state == "done":
+            return "is ending"
+        self.handover = True
+        return f"takes over: it arms for the next dial when this cycle ({self.state}) ends"
 
     def packet_in(self, data: bytes, now: float) -> None:
         """An incoming packet on the outgoing interface (before the kernel's rewrite)."""
@@ -473,6 +489,8 @@ class ResendEngine:
             self._end_cycle("all flows finished", rearm=self.config.persistent)
 
     def _end_cycle(self, reason: str, *, rearm: bool) -> None:
+        if self.handover and not self.terminate:
+            rearm, self.handover = True, False
         for flow in list(self._flows.values()):
             self._drop_flow(flow)
         self._captured.clear()

@@ -70,11 +70,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_target_options(p)
     args = p.parse_args(argv)
     try:
-        print(f"ip_resend: {send_wakeup(socket_from_args(args), args.message)}")
+        answer = send_wakeup(socket_from_args(args), args.message)
     except WakeupFailed as exc:
         print(f"ip_resend_wakeup: {exc}", file=sys.stderr)
         return 2
+    print(f"ip_resend: {answer}")
+    if not accelerated(args.message, answer):
+        print(f"ip_resend_wakeup: nothing was accelerated ({answer})", file=sys.stderr)
+        return 1
     return 0
+
+
+def accelerated(message: str, answer: str) -> bool:
+    """Whether the daemon's answer to `message` did what the caller wanted: packets resent
+    for an address, the cycle stopped for `stop` and `term`."""
+    if message.strip() in ("stop", "term"):
+        return True
+    return answer.startswith("resent ") and not answer.startswith("resent 0 ")
 
 
 if __name__ == "__main__":

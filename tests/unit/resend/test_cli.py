@@ -114,3 +114,14 @@ def test_wakeup_without_permission_says_run_as_root(tmp_path):
     assert res.returncode == 2
     assert res.stderr == (f"ip_resend_wakeup: Unable to reach ip_resend: permission denied on "
                           f"{private / 'ppp0'}: run as root\n")
+
+
+def test_a_wakeup_that_accelerates_nothing_is_a_failure():
+    from ipshift.resend.wakeup import accelerated
+
+    assert accelerated("203.0.113.100", "resent 2 packet(s)")
+    assert accelerated("stop", "stopped") and accelerated("term", "terminating")
+    for answer in ("busy: already resent for this cycle", "nothing captured",
+                   "link already up; nothing captured",
+                   "resent 0 packet(s), 1 unchanged (address did not change)"):
+        assert not accelerated("203.0.113.100", answer), answer

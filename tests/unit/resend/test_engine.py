@@ -501,3 +501,24 @@ def test_a_stale_reply_during_a_dial_does_not_count_as_the_link_up():
     e.packet_in(dns_reply(dst=OLD), 1.0)
     assert e.state == "captured"
     assert "resent" in e.wakeup(NEW, 1.1)
+
+
+def test_a_later_one_shot_start_hands_the_next_dial_to_the_running_instance():
+    e = ResendEngine()
+    e.present = {OLD}
+    e.packet_out(syn(), 0.0)
+    e.present = {NEW}
+    assert "resent" in e.wakeup(NEW, 1.0)
+    e.packet_in(raw(IP(src="198.51.100.80", dst=NEW) / TCP(sport=22, dport=50000,
+                                                            flags="SA")), 1.1)
+    assert e.state == "holding"  # the TCP mapping lives with its connection
+    assert "takes over" in e.take_over_next_dial()
+    e.address_lost(NEW, 5.0)  # the link goes down: the cycle ends, and it arms again
+    assert e.state == "armed" and not e.handover
+    e.packet_out(dns_query(), 6.0)
+    assert e.state == "captured"
+    assert "resent" in e.wakeup("203.0.113.101", 7.0)
+    assert e.take_over_next_dial().startswith("takes over")
+    p = ResendEngine(ResendConfig(persistent=True))
+    assert "persistently" in p.take_over_next_dial()
+    assert ResendEngine().take_over_next_dial() == "is armed for the next dial"
