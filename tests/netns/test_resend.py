@@ -204,6 +204,24 @@ def _tcp_client(d):
     return client
 
 
+@pytest.mark.parametrize("rexmit", [False, True], ids=["pppd-queue", "pppd-rexmit"])
+def test_no_query_reaches_the_server_twice_in_either_pppd_mode(lab, tmp_path, rexmit):
+    """pppd < 2.4.5 releases the queued query with its stale source; pppd >= 2.4.5 sends it
+    again itself with the new source (demand_rexmit) before ip-up runs the wakeup. Either way
+    the server sees the query once from the new address, and dig gets its answer."""
+    d = Dial(lab, tmp_path, rexmit=rexmit)
+    resend = d.start_resend()
+    res = _dig(d.home, DNS4, timeout=5)
+    assert res.stdout.strip() == A, resend.stderr() + d.dialup.stdout()
+    up = [line for line in d.dialup.stdout().splitlines() if line.startswith("dialup: up ")]
+    new = up[0].split("local=")[1].split()[0]
+    assert ("rexmit=1" in up[0]) == rexmit
+    assert len(d.queries_from(new)) == 1, d.dns.stderr() + resend.stderr()
+    status = d.status() or {}
+    assert status.get("counters", {}).get("sent_by_link", 0) == (1 if rexmit else 0)
+    resend.stop()
+
+
 def test_persistent_daemon_accelerates_every_dial_and_cleans_up(lab, tmp_path):
     d = Dial(lab, tmp_path, idle=1.0)
     resend = d.start_resend("--persistent")

@@ -10,6 +10,9 @@ them once the link is "up". Like pppd with `demand`:
   every dial), the placeholder is removed, the queued packets are released **with their stale
   source address** (as pppd does), and the ip-up hook runs with pppd's arguments:
   `$1` interface, `$2` tty, `$3` speed, `$4` local address, `$5` remote address, `$6` ipparam;
+- with `--rexmit`, as pppd >= 2.4.5 (demand_rexmit): after IPCP it sleeps 1 s, sends the
+  queued IPv4 packets itself **with the new source address** (checksums fixed), and only then
+  runs ip-up;
 - after `--idle` seconds without traffic it hangs up, runs ip-down, and restores the placeholder.
 
 SIGUSR1 hangs up at once; SIGTERM ends the emulator (both TUN devices vanish with it).
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 
 from ipshift.net import netns
 from ipshift.net.tun import TunDevice, open_tun
+from ipshift.packet.rewrite import FlowRewrite
 
 MAX_PACKET = 65535
 
@@ -86,6 +90,9 @@ class DialupConfig:
     ipparam: str = ""
     queue: int = 64
     default_route: bool = True
+    # pppd >= 2.4.5 in demand mode: after IPCP it sleeps 1 s, then sends the queued IPv4
+    # packets again itself with the new source (demand_rexmit), and only then runs ip-up
+    rexmit: bool = False
 
 
 @dataclass
@@ -101,6 +108,7 @@ class DialupLink:
     queued: deque[bytes] = field(default_factory=deque)
     dropped: int = 0
     dials: int = 0
+    rexmit_at: float = 0.0
     _pool: Iterator[str] | None = None
     _pool6: Iterator[str] | None = None
     _hangup_requested: bool = False
@@ -150,8 +158,16 @@ class DialupLink:
             isp.append(f"route replace {self.local6} dev {cfg.isp_dev}")
         _ip_batch(None, home)
         _ip_batch(cfg.isp_ns, isp)
-        self.state = "up"
         self.last_traffic = now
+        if cfg.rexmit:
+            # pppd's demand_rexmit: the addresses are set, packets stay queued, 1 s of sleep
+            self.state = "rexmit"
+            self.rexmit_at = now + 1.0
+            _say(f"ipcp local={self.local} remote={cfg.remote}"
+                 + (f" local6={self.local6}" if self.local6 else "")
+                 + " (pppd's demand_rexmit in 1s)")
+            return
+        self.state = "up"
         released = len(self.queued)
         while self.queued:
             os.write(self.isp.fd, self.queued.popleft())  # stale source, as pppd sends them
@@ -160,9 +176,30 @@ class DialupLink:
              + f" released={released} dropped={self.dropped}")
         self._hook(cfg.ip_up)
 
+    def _rexmit(self, now: float) -> None:
+        """demand_rexmit(PPP_IP, newip): every queued IPv4 packet gets the new source (IP and
+        TCP/UDP checksums fixed, a zero UDP checksum left zero, TTL unchanged) and goes out;
+        IPv6 packets go out as they are (IPV6CP calls it without a new address). Then the
+        link passes traffic and ip-up runs, as in pppd's ipcp_up."""
+        assert self.isp is not None and self.local is not None
+        new = ipaddress.ip_address(self.local).packed
+        rewritten = 0
+        while self.queued:
+            packet = bytearray(self.queued.popleft())
+            if packet and packet[0] >> 4 == 4 and len(packet) >= 20:
+                rewrite = FlowRewrite(src=(bytes(packet[12:16]), new), icmp_errors=False)
+                rewritten += rewrite.apply(packet)
+            os.write(self.isp.fd, bytes(packet))
+        self.state = "up"
+        self.last_traffic = now
+        _say(f"up local={self.local} remote={self.cfg.remote}"
+             + (f" local6={self.local6}" if self.local6 else "")
+             + f" rexmit={rewritten} dropped={self.dropped}")
+        self._hook(self.cfg.ip_up)
+
     def hang_up(self) -> None:
         cfg = self.cfg
-        if self.state != "up":
+        if self.state not in ("up", "rexmit"):
             self.state = "down"
             self.queued.clear()
             return
@@ -208,6 +245,8 @@ class DialupLink:
             timeout = 1.0
             if self.state == "dialing":
                 timeout = max(0.0, self.dial_done_at - now)
+            elif self.state == "rexmit":
+                timeout = max(0.0, self.rexmit_at - now)
             elif self.state == "up" and self.cfg.idle > 0:
                 timeout = max(0.0, self.last_traffic + self.cfg.idle - now)
             try:
@@ -219,11 +258,13 @@ class DialupLink:
                 data = os.read(fd, MAX_PACKET)
                 if fd == home_fd:
                     self._from_home(data, now)
-                elif self.state == "up":
+                elif self.state in ("up", "rexmit"):
                     os.write(home_fd, data)
                     self.last_traffic = now
             if self.state == "dialing" and now >= self.dial_done_at:
                 self._link_up(now)
+            elif self.state == "rexmit" and now >= self.rexmit_at:
+                self._rexmit(now)
             elif (self.state == "up" and self.cfg.idle > 0
                   and now - self.last_traffic >= self.cfg.idle):
                 _say("idle timeout")
@@ -266,6 +307,9 @@ def parse_args(argv: Sequence[str] | None = None) -> DialupConfig:
     p.add_argument("--ipparam", default="")
     p.add_argument("--queue", type=int, default=64, help="packets kept while dialing")
     p.add_argument("--no-default-route", dest="default_route", action="store_false")
+    p.add_argument("--rexmit", action="store_true",
+                   help="as pppd >= 2.4.5: after IPCP, sleep 1 s, resend the queued IPv4 "
+                        "packets with the new source, then run ip-up")
     a = p.parse_args(argv)
     return DialupConfig(**vars(a))
 

@@ -43,6 +43,7 @@ class DialupSite:
         delay: float = 1.0,
         ip_up: Path | None = None,
         ip_down: Path | None = None,
+        rexmit: bool = False,
     ) -> None:
         self.lab = lab
         self.run_dir = run_dir
@@ -70,6 +71,8 @@ class DialupSite:
         args = ["--delay", str(delay), "--ip-up", str(hook), "--idle", str(idle)]
         if ip_down is not None:
             args += ["--ip-down", str(ip_down)]
+        if rexmit:
+            args.append("--rexmit")
         if v6:
             args += ["--placeholder6", "2001:db8:ffff::99",
                      "--pool6", "2001:db8:100::10-2001:db8:100::ff"]

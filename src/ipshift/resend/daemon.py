@@ -47,6 +47,7 @@ from ipshift.resend.engine import (
     FlowMapping,
     LookupOrigin,
     MapFlow,
+    Reinject,
     Resend,
     ResendConfig,
     ResendEngine,
@@ -190,6 +191,8 @@ class ResendDaemon:
             self._unmap(action.mapping)
         elif isinstance(action, Resend):
             self._raw_socket(action.version).send(action.data)
+        elif isinstance(action, Reinject):
+            self._raw_socket(action.version, local=True).send(action.data)
         elif isinstance(action, CheckFlows):
             self._check_flows(action)
         elif isinstance(action, CycleDone):
@@ -239,12 +242,16 @@ class ResendDaemon:
                 self.engine.packet_in(pkt.data, now)
         self._pump()
 
-    def _raw_socket(self, version: int) -> RawSocket:
-        sock = self._raw.get(version)
+    def _raw_socket(self, version: int, *, local: bool = False) -> RawSocket:
+        """Out of the link (resends), or, with `local`, routed like any packet this host
+        sends: to a local address it is delivered here (replies re-delivered)."""
+        key = version + 100 if local else version
+        sock = self._raw.get(key)
         if sock is None:
             family = socket.AF_INET if version == 4 else socket.AF_INET6
-            sock = RawSocket(family, socket.IPPROTO_RAW, netns=self.netns, device=self.outgoing)
-            self._raw[version] = sock
+            sock = RawSocket(family, socket.IPPROTO_RAW, netns=self.netns,
+                             device=None if local else self.outgoing)
+            self._raw[key] = sock
         return sock
 
     # --- control --------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass, field, replace
 
 from ipshift.packet import PacketError
+from ipshift.packet.rewrite import FlowRewrite
 from ipshift.resend.flows import (
     PROTO_ICMP,
     PROTO_ICMPV6,
@@ -104,6 +105,15 @@ class Resend:
 
 
 @dataclass(frozen=True)
+class Reinject:
+    """Deliver this packet (a reply rewritten to the captured socket's address and port) to
+    the local stack, or on to the LAN host it is for."""
+
+    version: int
+    data: bytes
+
+
+@dataclass(frozen=True)
 class CheckFlows:
     """Report (via flows_gone) which of these TCP mappings no longer have a connection."""
 
@@ -116,7 +126,7 @@ class CycleDone:
     rearm: bool
 
 
-Action = LookupOrigin | MapFlow | UnmapFlow | Resend | CheckFlows | CycleDone
+Action = LookupOrigin | MapFlow | UnmapFlow | Resend | Reinject | CheckFlows | CycleDone
 
 
 @dataclass
@@ -126,6 +136,7 @@ class _Captured:
     inner_addr: str
     inner_port: int
     keep_inner_local: bool = True
+    sent_as: str | None = None  # the link sent it again itself, with this source address
 
 
 @dataclass
@@ -147,6 +158,7 @@ class Counters:
     replies: int = 0
     cycles: int = 0
     bad_messages: int = 0
+    sent_by_link: int = 0  # captured packets the link itself sent again with the new address
 
 
 class WakeupError(ValueError):
@@ -209,6 +221,56 @@ class ResendEngine:
             c.info.key == info.key for c in self._captured[:-1]
         ):
             self._actions.append(LookupOrigin(info.key))
+
+    def _sent_by_link(self, info: PacketInfo, data: bytes) -> bool:
+        """Whether incoming `info` answers a captured packet that left again with the
+        interface's new address: the link resent it itself (pppd >= 2.4.5's demand_rexmit
+        rewrites the queued IPv4 packets after IPCP and only then runs ip-up; its packets do
+        not pass the interface's taps, but their replies do). A resend would reach the server
+        a second time, so it is not resent; its replies are mapped back from now on, and this
+        first one, which came before any mapping, is delivered to the captured socket here.
+        TCP is left to the resend: the kernel has already reset the server's half of the
+        handshake it could not match, so the SYN must go again."""
+        key = info.key
+        if key.proto == PROTO_TCP:
+            return False
+        for c in self._captured:
+            ck = c.info.key
+            if c.sent_as is None and ck.local != key.local and (
+                    ck.version, ck.proto, ck.local_port, ck.remote, ck.remote_port) == (
+                    key.version, key.proto, key.local_port, key.remote, key.remote_port):
+                c.sent_as = key.local
+                self.counters.sent_by_link += 1
+                log.info("a reply to %s at %s: the link resent it itself (pppd's "
+                         "demand_rexmit); not resending, replies mapped", ck, key.local)
+                if self.config.maps_replies:
+                    self._map(c, key.local)
+                    try:
+                        self._actions.append(Reinject(key.version, _deliver_to(
+                            data, key.local, key.local_port, c.inner_addr, c.inner_port)))
+                    except PacketError as exc:
+                        self.counters.malformed += 1
+                        log.debug("cannot deliver the first reply of %s: %s", ck, exc)
+                return True
+        return False
+
+    def _map(self, c: _Captured, new: str) -> None:
+        """The flow of captured packet `c` as it looks with source `new`, its replies mapped
+        back (once per flow)."""
+        key = c.info.key
+        reply_key = replace(key, local=new)
+        if reply_key in self._flows:
+            return
+        mapping = None
+        if self.config.maps_replies:
+            mapping = FlowMapping(
+                version=key.version, proto=key.proto, peer=key.remote,
+                peer_port=key.remote_port, outer_addr=new, outer_port=key.local_port,
+                inner_addr=c.inner_addr, inner_port=c.inner_port,
+                keep_inner_local=c.keep_inner_local,
+            )
+            self._actions.append(MapFlow(mapping))
+        self._flows[reply_key] = _Flow(mapping, reply_key)
 
     def origin_found(self, flow: FlowKey, addr: str, port: int) -> None:
         """Conntrack says `flow` was masqueraded from addr:port (a LAN host)."""
@@ -296,10 +358,13 @@ class ResendEngine:
         if self.state == "captured":
             # A reply to a captured packet, to an address the interface holds now: the link
             # carries traffic with it. (During a dial the placeholder is gone by the time a
-            # stale reply could come back, so that one never counts.)
-            if info.key.local in self.present and any(
-                    c.info.key == info.key for c in self._captured):
-                self._link_was_up(info.key.local)
+            # stale reply could come back, so that one never counts.) A reply to one the link
+            # resent itself with its new address is the other case.
+            if info.key.local in self.present:
+                if any(c.info.key == info.key for c in self._captured):
+                    self._link_was_up(info.key.local)
+                else:
+                    self._sent_by_link(info, bytes(data[:info.size]))
             return
         flow = self._flows.get(info.key)
         if flow is None:
@@ -403,7 +468,7 @@ class ResendEngine:
     def _resend(self, addresses: list[IPAddress], now: float) -> str:
         by_version: dict[int, str] = {a.version: str(a) for a in addresses}
         resends: list[Resend] = []
-        unchanged = skipped = 0
+        unchanged = skipped = by_link = 0
         for c in self._captured:
             key = c.info.key
             new = by_version.get(key.version)
@@ -413,18 +478,10 @@ class ResendEngine:
             if new == key.local:
                 unchanged += 1  # the seed's duplicate bug: same address, nothing to resend
                 continue
-            reply_key = replace(key, local=new)  # how the replies will look
-            if reply_key not in self._flows:
-                mapping = None
-                if self.config.maps_replies:
-                    mapping = FlowMapping(
-                        version=key.version, proto=key.proto, peer=key.remote,
-                        peer_port=key.remote_port, outer_addr=new, outer_port=key.local_port,
-                        inner_addr=c.inner_addr, inner_port=c.inner_port,
-                        keep_inner_local=c.keep_inner_local,
-                    )
-                    self._actions.append(MapFlow(mapping))
-                self._flows[reply_key] = _Flow(mapping, reply_key)
+            self._map(c, new)  # how the replies will look, mapped before they come
+            if c.sent_as == new:
+                by_link += 1  # it left with this address already: a resend would duplicate it
+                continue
             try:
                 resends.append(Resend(key.version, rewrite_source(c.data, new)))
             except PacketError as exc:  # captured packets were checked: not expected
@@ -437,11 +494,13 @@ class ResendEngine:
             parts.append(f"{unchanged} unchanged (address did not change)")
         if skipped:
             parts.append(f"{skipped} skipped (no new address of their family)")
+        if by_link:
+            parts.append(f"{by_link} already resent by the link (pppd), replies mapped")
         answer = ", ".join(parts)
         log.info("wakeup %s: %s", " ".join(by_version.values()), answer)
         self._captured.clear()
         self._seen.clear()
-        if not resends:
+        if not resends and not by_link:
             self._end_cycle("nothing to resend", rearm=self.config.persistent)
             return answer
         if self.config.response_wait <= 0:
@@ -507,6 +566,19 @@ class ResendEngine:
         self._actions.append(CycleDone(reason, rearm))
 
 
+def _deliver_to(data: bytes, local: str, local_port: int, inner: str, inner_port: int) -> bytes:
+    """A copy of incoming `data` (to local:local_port) addressed to inner:inner_port, its
+    checksums updated."""
+    buf = bytearray(data)
+    rewrite = FlowRewrite(dst=(ipaddress.ip_address(local).packed,
+                               ipaddress.ip_address(inner).packed),
+                          dport=(local_port, inner_port) if local_port != inner_port else None,
+                          icmp_errors=False)
+    if not rewrite.apply(buf):
+        raise PacketError("not-rewritten", "reply does not match its flow")
+    return bytes(buf)
+
+
 __all__ = [
     "PROTO_ICMP",
     "PROTO_ICMPV6",
@@ -516,6 +588,7 @@ __all__ = [
     "FlowMapping",
     "LookupOrigin",
     "MapFlow",
+    "Reinject",
     "Resend",
     "ResendConfig",
     "ResendEngine",

@@ -86,7 +86,8 @@ def accelerated(message: str, answer: str) -> bool:
     for an address, the cycle stopped for `stop` and `term`."""
     if message.strip() in ("stop", "term"):
         return True
-    return answer.startswith("resent ") and not answer.startswith("resent 0 ")
+    return answer.startswith("resent ") and (not answer.startswith("resent 0 ")
+                                             or "already resent by the link" in answer)
 
 
 if __name__ == "__main__":

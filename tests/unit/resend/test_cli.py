@@ -121,6 +121,8 @@ def test_a_wakeup_that_accelerates_nothing_is_a_failure():
 
     assert accelerated("203.0.113.100", "resent 2 packet(s)")
     assert accelerated("stop", "stopped") and accelerated("term", "terminating")
+    assert accelerated("203.0.113.100", "resent 0 packet(s), 1 already resent by the link "
+                                        "(pppd), replies mapped")
     for answer in ("busy: already resent for this cycle", "nothing captured",
                    "link already up; nothing captured",
                    "resent 0 packet(s), 1 unchanged (address did not change)"):

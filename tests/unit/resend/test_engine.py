@@ -522,3 +522,36 @@ def test_a_later_one_shot_start_hands_the_next_dial_to_the_running_instance():
     p = ResendEngine(ResendConfig(persistent=True))
     assert "persistently" in p.take_over_next_dial()
     assert ResendEngine().take_over_next_dial() == "is armed for the next dial"
+
+
+def test_a_packet_the_link_resent_itself_is_not_resent_again_and_its_reply_delivered():
+    # pppd >= 2.4.5 (demand_rexmit): the queued query leaves again with the new source
+    # (unseen by the interface's taps) before ip-up runs the wakeup; its reply is seen
+    e = ResendEngine()
+    e.present = {OLD}
+    e.packet_out(dns_query(), 0.0)
+    e.packet_out(dns_query(sport=40001, qid=2), 0.0)
+    e.actions()
+    e.present = {NEW}
+    e.packet_in(dns_reply(dst=NEW), 1.01)  # the answer to pppd's copy of the first
+    acts = e.actions()
+    assert kinds(acts) == ["MapFlow", "Reinject"] and e.counters.sent_by_link == 1
+    assert acts[0].mapping.outer_addr == NEW and acts[0].mapping.inner_addr == OLD
+    delivered = IP(acts[1].data)
+    assert (delivered.dst, delivered[UDP].dport) == (OLD, 40000)
+    fresh = delivered.copy()
+    del fresh[UDP].chksum
+    assert IP(raw(fresh))[UDP].chksum == delivered[UDP].chksum  # checksum updated
+    assert e.state == "captured"  # not taken for the link being up
+    answer = e.wakeup(NEW, 1.5)
+    assert answer == ("resent 1 packet(s), 1 already resent by the link (pppd), "
+                      "replies mapped")
+    acts = e.actions()
+    assert kinds(acts).count("Resend") == 1 and kinds(acts).count("MapFlow") == 1
+    # TCP is resent anyway: the kernel reset the server's half of the first handshake
+    t = ResendEngine()
+    t.present = {NEW}
+    t.packet_out(syn(), 0.0)
+    t.packet_in(raw(IP(src="198.51.100.80", dst=NEW) / TCP(sport=22, dport=50000,
+                                                            flags="SA")), 1.0)
+    assert t.counters.sent_by_link == 0 and "resent 1" in t.wakeup(NEW, 1.5)
