@@ -515,6 +515,16 @@ class Leases:
                 held.add(port, port, now + self.policy.quarantine)
                 heapq.heappush(self._quarantine, (now + self.policy.quarantine, address, port))
 
+    def unclaim(self, owner: str, address: IPv4, protocol: int, port: int) -> None:
+        """Take back a claim no forward used, at once (no quarantine)."""
+        held = self._holdings.get(address)
+        if held is None:
+            return
+        key = self._mapping_owner(owner)
+        for start, _end, holder in list(held.holders_in(port, port)):
+            if start == port and holder == (key, port):
+                held.remove(port)
+
     def _leasable(self, port: int) -> bool:
         low, high = self.policy.listen_range
         return UNPRIVILEGED <= port <= PORT_SPACE[1] or low <= port <= high

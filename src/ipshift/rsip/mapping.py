@@ -82,7 +82,14 @@ class PortAuthority(Protocol):
         ...
 
     def release(self, owner: str, address: IPv4, protocol: int, port: int,
-                now: float) -> None: ...
+                now: float) -> None:
+        """A forward on `port` ended: the port rests in quarantine before anyone gets it."""
+        ...
+
+    def unclaim(self, owner: str, address: IPv4, protocol: int, port: int) -> None:
+        """A claim no forward ever used (the port was not the one wanted): free at once, no
+        quarantine, so a host asking for taken ports cannot lock the range up."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -1001,7 +1008,7 @@ class MappingEngine:
         granted = self.authority.claim(owner, address, protocol, port, lifetime, now)
         if granted != port:
             if granted is not None:
-                self.authority.release(owner, address, protocol, granted, now)
+                self.authority.unclaim(owner, address, protocol, granted)
             return False
         self._claims[(address, port)] = _Claim(owner, protocol, 1)
         return True
@@ -1024,7 +1031,7 @@ class MappingEngine:
         finally:
             for port in refused:
                 if (address, port) not in self._claims:
-                    self.authority.release(owner, address, protocol, port, now)
+                    self.authority.unclaim(owner, address, protocol, port)
 
     def _usable_port(self, protocol: int, port: int) -> bool:
         return (protocol, port) not in PCP_PORTS and \

@@ -226,3 +226,15 @@ def test_store_refuses_a_damaged_file(tmp_path: Path) -> None:
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match="move the file aside"):
         LeaseStore(path).load(0.0, 0.0)
+
+
+def test_an_unused_claim_goes_back_without_quarantine() -> None:
+    ls = leases(port_range=(10000, 10002))
+    client = ls.register("192.0.2.10", "tcp", 0.0)
+    ls.assign_ports(client.client_id, None, None, 1, None, 0.0)   # 10000 is the host's
+    offered = ls.claim("pcp:192.0.2.20", A, socket.IPPROTO_TCP, 10000, 60.0, 0.0)
+    assert offered == 10001  # not the port asked for: the responder gives it back
+    ls.unclaim("pcp:192.0.2.20", A, socket.IPPROTO_TCP, 10001)
+    assert ls.claim("pcp:192.0.2.21", A, socket.IPPROTO_TCP, 10001, 60.0, 0.1) == 10001
+    ls.unclaim("pcp:192.0.2.99", A, socket.IPPROTO_TCP, 10001)  # not its claim: nothing
+    assert ls.claim("pcp:192.0.2.22", A, socket.IPPROTO_TCP, 10001, 60.0, 0.2) != 10001
