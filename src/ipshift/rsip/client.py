@@ -905,6 +905,12 @@ class ClientEngine:
                 del self.listens[port]
         self._ask_listens()
 
+    @property
+    def static_listens_settled(self) -> bool:
+        """Whether every -l port has its answer (held or refused)."""
+        return all(entry.state in (_ListenState.HELD, _ListenState.REFUSED)
+                   for entry in self.listens.values() if entry.static)
+
     def _listen_granted(self, port: int, message: Message, now: float) -> None:
         bind, problem = self._bind_from(message, "listen", now)
         if self.stopping:

@@ -318,6 +318,7 @@ class ClientService:
                         "%s", action.text)
             elif isinstance(action, Stopped):
                 self._stopped.set()
+        self._maybe_started()
 
     def _send(self, action: Send) -> None:
         data = wire.encode(action.message)
@@ -338,9 +339,13 @@ class ClientService:
         if self._rt is not None:
             self._rt.fail(str(failure))
 
-    def _started_ok(self) -> None:
-        if self._started is not None and not self._started.done():
-            self._started.set_result(None)
+    def _maybe_started(self) -> None:
+        """Ready (systemd's READY=1, `start` returns) once the tunnel is up and every -l port
+        has its answer: a unit that needs port 80 can start after this one."""
+        if self._started is None or self._started.done() or self.plane is None or \
+                self.engine is None or not self.engine.static_listens_settled:
+            return
+        self._started.set_result(None)
 
     # --- the data plane ------------------------------------------------------------------------
     def _tunnel_up(self, up: TunnelUp) -> None:
@@ -367,7 +372,7 @@ class ClientService:
                  "through it", self.config.dev, up.address, up.first, up.last, up.kind,
                  up.endpoint if not up.udp_port else f"{up.endpoint}:{up.udp_port}",
                  self.plane.mtu)
-        self._started_ok()
+        self._maybe_started()
 
     def _path_mtu(self, nl: Netlink, endpoint: ipaddress.IPv4Address) -> int:
         route = nl.lookup(str(endpoint))

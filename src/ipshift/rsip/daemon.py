@@ -63,11 +63,21 @@ from ipshift.tunnel.peers import Encapsulation, Peer, PortRange
 log = logging.getLogger("ipshift.rsip")
 
 SAVE_INTERVAL = 0.5       # seconds between lease-file writes
+ROUTE_BATCH = 0.005       # seconds data-plane changes gather before one tunnel and nft update
 MAX_CONNECTIONS = 1024    # TCP control connections at once
 MAX_PER_HOST = 4          # ... from one host
 READ_SIZE = 65536
 _PROTOCOLS = (socket.IPPROTO_TCP, socket.IPPROTO_UDP, socket.IPPROTO_ICMP)
 _TUNNEL_KINDS = {"udp": UDP_TUNNEL, "ipip": wire.TunnelType.IP_IP, "gre": wire.TunnelType.GRE}
+
+
+def _elements(route: ClientRoute | None) -> tuple[set[str], set[str]]:
+    """A client's nft elements: its port leases and its whole addresses."""
+    if route is None:
+        return set(), set()
+    return ({kernel.lease_element(lease.address, lease.first, lease.last)
+             for lease in route.leases if not lease.whole},
+            {str(lease.address) for lease in route.leases if lease.whole})
 
 
 def tunnel_device(name: str) -> str:
@@ -111,7 +121,9 @@ class GatewayService:
         self._pump: EnginePump | None = None
         self._nft: Nft | None = None
         self._routes: dict[int, ClientRoute] = {}
-        self._elements: dict[int, tuple[list[str], list[str]]] = {}
+        self._changed: dict[int, ClientRoute | None] = {}  # data-plane changes not yet applied
+        self._held: list[Send] = []                        # answers waiting for them
+        self._route_flush: asyncio.TimerHandle | None = None
         self._pending: dict[int, Client] = {}
         self._pending_removed: set[int] = set()
         self._connections: dict[int, asyncio.StreamWriter] = {}
@@ -153,6 +165,8 @@ class GatewayService:
         clients = self.store.load(loop.time(), time.time())
         self.engine.restore(clients, loop.time())
         self._pump.run()
+        if self._route_flush is not None:
+            self._flush_routes()  # the data plane of every lease before the first answer
         if clients:
             log.info("took back %d clients and %d binds from %s", len(self.engine.leases.clients),
                      sum(1 for _ in self.engine.leases.binds()), config.lease_file)
@@ -312,9 +326,15 @@ class GatewayService:
 
     # --- actions -------------------------------------------------------------------------------
     def _apply(self, actions: Sequence[Any]) -> None:
+        # answers go once the data plane is as they say (a bind there, an expired one gone)
+        hold = self._route_flush is not None or any(isinstance(a, ClientRoutes)
+                                                    for a in actions)
         for action in actions:
             if isinstance(action, Send):
-                self._send(action)
+                if hold:
+                    self._held.append(action)
+                else:
+                    self._send(action)
             elif isinstance(action, ClientRoutes):
                 self._route(action)
             elif isinstance(action, Persist):
@@ -346,36 +366,59 @@ class GatewayService:
             self.counters["send_failed"] += 1
 
     def _route(self, action: ClientRoutes) -> None:
+        """Gather data-plane changes for ROUTE_BATCH: each costs a new peer table (and its
+        nft elements) however small it is, so a burst of registrations is applied at once.
+        Answers sent meanwhile wait for it, so a host never uses a bind the tunnel does not
+        know yet."""
+        for route in action.routes:
+            self._changed[route.client_id] = route if route.leases else None
+        for client_id in action.removed:
+            self._changed[client_id] = None
+        if self._route_flush is None:
+            self._route_flush = asyncio.get_running_loop().call_later(ROUTE_BATCH,
+                                                                      self._flush_routes)
+
+    def _flush_routes(self) -> None:
         assert self.tunnel is not None and self.diversion is not None
+        if self._route_flush is not None:
+            self._route_flush.cancel()
+            self._route_flush = None
+        changed, self._changed = self._changed, {}
         upserts: list[Peer] = []
         removals: list[str] = []
-        for route in action.routes:
-            if self._routes.get(route.client_id) == route:
+        add: set[str] = set()
+        remove: set[str] = set()
+        add_whole: set[str] = set()
+        remove_whole: set[str] = set()
+        for client_id, route in changed.items():
+            old = self._routes.get(client_id)
+            if old == route:
                 continue
-            if route.leases:
-                self._routes[route.client_id] = route
+            old_ports, old_whole = _elements(old)
+            new_ports, new_whole = _elements(route)
+            remove |= old_ports - new_ports
+            add |= new_ports - old_ports
+            remove_whole |= old_whole - new_whole
+            add_whole |= new_whole - old_whole
+            if route is not None:
+                self._routes[client_id] = route
                 upserts.append(peer_of(route))
-            elif self._routes.pop(route.client_id, None) is not None:
-                removals.append(tunnel_name(route.client_id))
-        for client_id in action.removed:
-            if self._routes.pop(client_id, None) is not None:
+            else:
+                del self._routes[client_id]
                 removals.append(tunnel_name(client_id))
-        if not upserts and not removals:
-            return
+        if upserts or removals:
+            try:
+                self.tunnel.update_peers(upserts, removals)
+            except (ValueError, TunnelError, NetError) as exc:
+                self.counters["peer_update_failed"] += 1
+                log.warning("cannot update the tunnel's clients: %s", exc)
         try:
-            self.tunnel.update_peers(upserts, removals)
-        except (ValueError, TunnelError, NetError) as exc:
-            self.counters["peer_update_failed"] += 1
-            log.warning("cannot update the tunnel's clients: %s", exc)
-        leases = [kernel.lease_element(lease.address, lease.first, lease.last)
-                  for route in self._routes.values() for lease in route.leases
-                  if not lease.whole]
-        whole = [str(lease.address) for route in self._routes.values()
-                 for lease in route.leases if lease.whole]
-        try:
-            self.diversion.update(leases, whole)
+            self.diversion.change(add, remove, add_whole, remove_whole)
         except NetError as exc:
             log.warning("cannot update the diverted ports: %s", exc)
+        held, self._held = self._held, []
+        for send in held:
+            self._send(send)
 
     def _save(self) -> None:
         if self.store is None or (not self._pending and not self._pending_removed):
@@ -485,6 +528,8 @@ class GatewayService:
 
     # --- stop ----------------------------------------------------------------------------------
     async def stop(self) -> None:
+        if self._route_flush is not None:
+            self._flush_routes()  # the answers it holds still go out
         if self.responder is not None:
             await self.responder.stop()
             self.responder = None

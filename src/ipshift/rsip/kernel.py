@@ -70,7 +70,7 @@ chain divert {{
 
 
 class Diversion:
-    """The owned nft table and the leased elements in it (`update` applies a difference)."""
+    """The owned nft table and the leased elements in it (`change` applies a difference)."""
 
     def __init__(self, table: OwnedTable, tunnel_dev: str) -> None:
         self.table = table
@@ -83,22 +83,24 @@ class Diversion:
         self.leases.clear()
         self.whole.clear()
 
-    def update(self, leases: Iterable[str], whole: Iterable[str]) -> None:
-        """Make the sets hold exactly `leases` and `whole` (one nft transaction)."""
-        want_leases, want_whole = set(leases), set(whole)
+    def change(self, add: Iterable[str], remove: Iterable[str], add_whole: Iterable[str],
+               remove_whole: Iterable[str]) -> None:
+        """Add and remove elements (one nft transaction; its cost is that of the change,
+        whatever the sets hold)."""
+        add, remove = set(add) - self.leases, set(remove) & self.leases
+        add_whole, remove_whole = set(add_whole) - self.whole, set(remove_whole) & self.whole
         commands = []
         spec = self.table.spec
-        for name, have, want in (("leases", self.leases, want_leases),
-                                 ("echo", self.leases, want_leases),
-                                 ("whole", self.whole, want_whole)):
-            gone, new = have - want, want - have
+        for name, gone, new in (("leases", remove, add), ("echo", remove, add),
+                                ("whole", remove_whole, add_whole)):
             if gone:
                 commands.append(f"delete element {spec} {name} {{ {', '.join(sorted(gone))} }}")
             if new:
                 commands.append(f"add element {spec} {name} {{ {', '.join(sorted(new))} }}")
         if commands:
             self.table.nft.run("\n".join(commands) + "\n")
-        self.leases, self.whole = want_leases, want_whole
+        self.leases = (self.leases - remove) | add
+        self.whole = (self.whole - remove_whole) | add_whole
 
 
 def lease_element(address: ipaddress.IPv4Address, first: int, last: int) -> str:
