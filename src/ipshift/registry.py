@@ -38,7 +38,8 @@ COMPONENTS: tuple[Component, ...] = (
               "an ssh session kept across two moves of its client", "bench.bench_sacip"),
     Component("rsip", "Realm Specific IP gateway and client, with PCP and NAT-PMP",
               "ipshift.rsip.cli", "ipshift.rsip.demo",
-              "two private hosts lease ports of one public address; a server behind it"),
+              "two private hosts lease ports of one public address; a server behind it",
+              "bench.bench_rsip"),
 )
 
 #: Commands that are not components, before and after the components in `ipshift --help`.
