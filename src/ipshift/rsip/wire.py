@@ -73,7 +73,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar, TypeAlias, TypeVar
+from typing import ClassVar, NamedTuple, TypeAlias, TypeVar
 
 from ipshift.packet.errors import BytesLike, PacketError
 
@@ -251,6 +251,42 @@ def _known(kind: type[_E], value: int) -> int:
 def _fixed(value: bytes, size: int, what: str) -> None:
     if len(value) != size:
         raise _bad_param(f"{what} takes {size} bytes, not {len(value)}")
+
+
+_PACKED = {8: _U8, 16: _U16, 32: _U32}
+_N = TypeVar("_N", bound="_Number")
+
+
+class _Spec(NamedTuple):
+    field: str                          # the dataclass field holding the number
+    bits: int
+    what: str                           # "lease time": in errors about its value
+    a_what: str                         # "a lease time": in errors about its length
+    known: type[IntEnum] | None = None  # its known values, for readable reprs
+
+
+class _Number:
+    """A parameter whose value is one unsigned number, described by its NUMBER spec:
+    checking, encoding and decoding are here once."""
+
+    __slots__ = ()
+    NUMBER: ClassVar[_Spec]
+
+    def __post_init__(self) -> None:
+        spec = self.NUMBER
+        value = getattr(self, spec.field)
+        _check_uint(value, spec.bits, spec.what)
+        if spec.known is not None:
+            object.__setattr__(self, spec.field, _known(spec.known, value))
+
+    def _encode_value(self) -> bytes:
+        return _PACKED[self.NUMBER.bits].pack(getattr(self, self.NUMBER.field))
+
+    @classmethod
+    def _decode_value(cls: type[_N], value: bytes) -> _N:
+        spec = cls.NUMBER
+        _fixed(value, spec.bits // 8, spec.a_what)
+        return cls(_PACKED[spec.bits].unpack(value)[0])  # type: ignore[call-arg]
 
 
 # --- parameters ----------------------------------------------------------------------------------
@@ -536,115 +572,52 @@ class Spi:
 
 
 @dataclass(frozen=True, slots=True)
-class LeaseTime:
+class LeaseTime(_Number):
     seconds: int
     PARAM: ClassVar[ParamType] = ParamType.LEASE_TIME
-
-    def __post_init__(self) -> None:
-        _check_uint(self.seconds, 32, "lease time")
-
-    def _encode_value(self) -> bytes:
-        return _U32.pack(self.seconds)
-
-    @classmethod
-    def _decode_value(cls, value: bytes) -> LeaseTime:
-        _fixed(value, 4, "a lease time")
-        return cls(_U32.unpack(value)[0])
+    NUMBER: ClassVar[_Spec] = _Spec("seconds", 32, "lease time", "a lease time")
 
 
 @dataclass(frozen=True, slots=True)
-class ClientId:
+class ClientId(_Number):
     value: int
     PARAM: ClassVar[ParamType] = ParamType.CLIENT_ID
-
-    def __post_init__(self) -> None:
-        _check_uint(self.value, 32, "client ID")
-
-    def _encode_value(self) -> bytes:
-        return _U32.pack(self.value)
-
-    @classmethod
-    def _decode_value(cls, value: bytes) -> ClientId:
-        _fixed(value, 4, "a client ID")
-        return cls(_U32.unpack(value)[0])
+    NUMBER: ClassVar[_Spec] = _Spec("value", 32, "client ID", "a client ID")
 
 
 @dataclass(frozen=True, slots=True)
-class BindId:
+class BindId(_Number):
     value: int
     PARAM: ClassVar[ParamType] = ParamType.BIND_ID
-
-    def __post_init__(self) -> None:
-        _check_uint(self.value, 32, "bind ID")
-
-    def _encode_value(self) -> bytes:
-        return _U32.pack(self.value)
-
-    @classmethod
-    def _decode_value(cls, value: bytes) -> BindId:
-        _fixed(value, 4, "a bind ID")
-        return cls(_U32.unpack(value)[0])
+    NUMBER: ClassVar[_Spec] = _Spec("value", 32, "bind ID", "a bind ID")
 
 
 @dataclass(frozen=True, slots=True)
-class Tunnel:
+class Tunnel(_Number):
     """A tunnel type (section 8.6): a TunnelType when known; others are kept, for the gateway
     to answer BAD_TUNNEL_TYPE."""
 
     kind: int
     PARAM: ClassVar[ParamType] = ParamType.TUNNEL_TYPE
-
-    def __post_init__(self) -> None:
-        _check_uint(self.kind, 8, "tunnel type")
-        object.__setattr__(self, "kind", _known(TunnelType, self.kind))
-
-    def _encode_value(self) -> bytes:
-        return _U8.pack(self.kind)
-
-    @classmethod
-    def _decode_value(cls, value: bytes) -> Tunnel:
-        _fixed(value, 1, "a tunnel type")
-        return cls(value[0])
+    NUMBER: ClassVar[_Spec] = _Spec("kind", 8, "tunnel type", "a tunnel type", TunnelType)
 
 
 @dataclass(frozen=True, slots=True)
-class Method:
+class Method(_Number):
     """An RSIP method (section 8.7): an RsipMethod when known."""
 
     kind: int
     PARAM: ClassVar[ParamType] = ParamType.RSIP_METHOD
-
-    def __post_init__(self) -> None:
-        _check_uint(self.kind, 8, "RSIP method")
-        object.__setattr__(self, "kind", _known(RsipMethod, self.kind))
-
-    def _encode_value(self) -> bytes:
-        return _U8.pack(self.kind)
-
-    @classmethod
-    def _decode_value(cls, value: bytes) -> Method:
-        _fixed(value, 1, "an RSIP method")
-        return cls(value[0])
+    NUMBER: ClassVar[_Spec] = _Spec("kind", 8, "RSIP method", "an RSIP method", RsipMethod)
 
 
 @dataclass(frozen=True, slots=True)
-class Error:
+class Error(_Number):
     """An error (section 8.8): an ErrorCode when known."""
 
     code: int
     PARAM: ClassVar[ParamType] = ParamType.ERROR
-
-    def __post_init__(self) -> None:
-        _check_uint(self.code, 16, "error")
-        object.__setattr__(self, "code", _known(ErrorCode, self.code))
-
-    def _encode_value(self) -> bytes:
-        return _U16.pack(self.code)
-
-    @classmethod
-    def _decode_value(cls, value: bytes) -> Error:
-        _fixed(value, 2, "an error")
-        return cls(_U16.unpack(value)[0])
+    NUMBER: ClassVar[_Spec] = _Spec("code", 16, "error", "an error", ErrorCode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -696,20 +669,10 @@ class Indicator:
 
 
 @dataclass(frozen=True, slots=True)
-class MessageCounter:
+class MessageCounter(_Number):
     value: int
     PARAM: ClassVar[ParamType] = ParamType.MESSAGE_COUNTER
-
-    def __post_init__(self) -> None:
-        _check_uint(self.value, 32, "message counter")
-
-    def _encode_value(self) -> bytes:
-        return _U32.pack(self.value)
-
-    @classmethod
-    def _decode_value(cls, value: bytes) -> MessageCounter:
-        _fixed(value, 4, "a message counter")
-        return cls(_U32.unpack(value)[0])
+    NUMBER: ClassVar[_Spec] = _Spec("value", 32, "message counter", "a message counter")
 
 
 @dataclass(frozen=True, slots=True)
