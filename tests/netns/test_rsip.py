@@ -850,3 +850,35 @@ def test_a_taken_pcp_suggestion_puts_no_port_in_quarantine(lab: Lab, tmp_path: P
         f"PCP gave {given} for a suggestion inside a's block {first}-{last}; "
         f"{quarantined} port(s) in quarantine, never-held ports refused to RSIP: {refused}")
     raw_a.close()
+
+
+def test_a_new_external_address_moves_the_pcp_mappings(lab: Lab, tmp_path: Path) -> None:
+    """EXT_IF's address goes and another of POOL comes (a DHCP or PPP renumbering): the
+    gateway says so, drops the PCP mappings of the old address and answers on the new one;
+    the binds on the old address are reported stranded."""
+    need("natpmpc")
+    site = RsipSite(lab, tmp_path / "site")
+    gateway = site.start_gateway(PCP="yes", POOL="203.0.113.1,203.0.113.2")
+    a, c = site.host("a"), site.host("c")
+    raw_a = RawUdp(a)
+    raw_a.assign(raw_a.register())
+    out = c.run(["natpmpc", "-g", GATEWAY_INT], timeout=30).stdout
+    assert "Public IP address : 203.0.113.1" in out, out
+    # the primary goes (its secondaries with it), then .2 comes alone
+    site.gw.ip("addr", "flush", "dev", site.ext_if)
+    site.gw.ip("addr", "add", "203.0.113.2/24", "dev", site.ext_if)
+    deadline = time.monotonic() + 10
+    while "changed" not in gateway.stderr() and "lost its address" not in gateway.stderr() \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "EXT_IF" in gateway.stderr(), gateway.stderr()[-2000:]
+    assert "which EXT_IF no longer has" in gateway.stderr()  # a's bind on .1
+    deadline = time.monotonic() + 10
+    out = ""
+    while time.monotonic() < deadline:
+        out = c.run(["natpmpc", "-g", GATEWAY_INT], timeout=30, check=False).stdout
+        if "Public IP address : 203.0.113.2" in out:
+            break
+        time.sleep(0.2)
+    assert "Public IP address : 203.0.113.2" in out, out + gateway.stderr()[-2000:]
+    raw_a.close()

@@ -14,6 +14,7 @@ log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -39,6 +40,7 @@ from ipshift.daemon import (
 from ipshift.net import sysctl
 from ipshift.net.errors import NetError
 from ipshift.net.netlink import Netlink
+from ipshift.net.netlink.watch import KernelWatcher
 from ipshift.net.nft import Nft
 from ipshift.rsip import kernel, wire
 from ipshift.rsip.config import GatewayConfig, python_log_level
@@ -124,6 +126,7 @@ class GatewayService:
         self._changed: dict[int, ClientRoute | None] = {}  # data-plane changes not yet applied
         self._held: list[Send] = []                        # answers waiting for them
         self._route_flush: asyncio.TimerHandle | None = None
+        self._watcher: KernelWatcher | None = None  # EXT_IF's address
         self._pending: dict[int, Client] = {}
         self._pending_removed: set[int] = set()
         self._connections: dict[int, asyncio.StreamWriter] = {}
@@ -173,6 +176,7 @@ class GatewayService:
         await self._open_control(loop)
         if config.pcp:
             await self._start_responder(rt)
+        self._watch_external(loop)
         rt.every(SAVE_INTERVAL, self._save, "writing the lease file")
         rt.every(1.0, self._check_tunnel, "watching the tunnel")
         rt.method("dump", lambda params: self.write_status_file())
@@ -206,6 +210,44 @@ class GatewayService:
         nets = tuple(ipaddress.IPv4Interface(f"{a.address}/{a.prefixlen}").network
                      for a in internal)
         return inside, (inside6[0] if inside6 else None), own, nets
+
+    def _watch_external(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Follow EXT_IF's address: a new public address (DHCP, PPP) moves the PCP mappings
+        (clients told with a new epoch); RSIP leases of an address the gateway lost are said
+        to be stranded, since POOL is the configuration's."""
+        try:
+            watcher = KernelWatcher(self.config.netns, ("link", "address"))
+        except NetError as exc:
+            log.warning("cannot watch %s's address: %s", self.config.ext_if, exc)
+            return
+        watcher.on_addresses_changed(self.config.ext_if, self._external_changed)
+        loop.add_reader(watcher.fileno(), watcher.read)
+        self._watcher = watcher
+
+    def _external_changed(self, dev: str, addresses: Sequence[Any]) -> None:
+        v4 = [ipaddress.IPv4Address(a.address) for a in addresses if ":" not in a.address]
+        new = v4[0] if v4 else None
+        if new == self.own or (new is None and self.own is None):
+            return
+        old, self.own = self.own, new
+        if new is None:
+            log.warning("EXT_IF %s lost its address %s: Internet traffic of every client "
+                        "stops until it comes back", dev, old)
+        else:
+            log.warning("EXT_IF %s's address changed from %s to %s", dev, old, new)
+        if self.engine is None:
+            return
+        pool = self.engine.leases.policy.pool
+        if old is not None:
+            stranded = sum(1 for bind in self.engine.leases.binds() if bind.address == old)
+            if stranded:
+                log.warning("%d bind(s) lease %s, which EXT_IF no longer has: their hosts "
+                            "reach nothing until it returns", stranded, old)
+        if new is not None and new not in pool:
+            log.warning("%s is not in POOL (%s): list it there and restart to lease it",
+                        new, ", ".join(map(str, pool)))
+        if self.responder is not None and (new is None or new in pool):
+            self.responder.external_address_changed(new)
 
     def _warn_port_conflict(self) -> None:
         try:
@@ -528,6 +570,11 @@ class GatewayService:
 
     # --- stop ----------------------------------------------------------------------------------
     async def stop(self) -> None:
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._watcher.fileno())
+            self._watcher.close()
+            self._watcher = None
         if self._route_flush is not None:
             self._flush_routes()  # the answers it holds still go out
         if self.responder is not None:
