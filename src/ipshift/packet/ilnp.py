@@ -39,7 +39,7 @@ from ipshift.packet.ipv6 import (
     extension_header_size,
     walk_header_chain,
 )
-from ipshift.packet.options import IPV6_PAD1, IPV6_PADN, Option, ipv6_padding
+from ipshift.packet.options import IPV6_PAD1, IPV6_PADN, Option, ipv6_option_spans, ipv6_padding
 from ipshift.packet.protocols import (
     IPPROTO_AH,
     IPPROTO_DCCP,
@@ -219,26 +219,6 @@ def _walk(data: BytesLike, offset: int) -> tuple[int, ChainEnd, list[_Header]]:
     return end, chain, headers
 
 
-def _options(data: BytesLike, start: int, stop: int) -> list[tuple[int, int, int]]:
-    """(type, start, end) of each option in ``data[start:stop]``, padding included."""
-    spans: list[tuple[int, int, int]] = []
-    pos = start
-    while pos < stop:
-        kind = data[pos]
-        if kind == IPV6_PAD1:
-            spans.append((kind, pos, pos + 1))
-            pos += 1
-            continue
-        if pos + 1 >= stop:
-            raise PacketError("bad-option", f"IPv6 option {kind} has no length octet")
-        after = pos + 2 + data[pos + 1]
-        if after > stop:
-            raise PacketError("bad-option", f"IPv6 option {kind} runs past its header")
-        spans.append((kind, pos, after))
-        pos = after
-    return spans
-
-
 def _locate_nonce(
     data: BytesLike, headers: list[_Header]
 ) -> tuple[int, list[tuple[int, int, int]], int] | None:
@@ -247,7 +227,7 @@ def _locate_nonce(
     for number, header in enumerate(headers):
         if header.kind != IPPROTO_DSTOPTS:
             continue
-        spans = _options(data, header.pos + 2, header.pos + header.size)
+        spans = ipv6_option_spans(data, header.pos + 2, header.pos + header.size)
         for index, (kind, start, end) in enumerate(spans):
             if kind != NONCE_OPTION:
                 continue
@@ -339,7 +319,7 @@ def insert_nonce(data: BytesLike, nonce: BytesLike, offset: int = 0) -> bytes:
         # own: the header grows by a multiple of 8, so every other option keeps its alignment,
         # and no run of padding passes 7 bytes (Linux drops such packets).
         lead = 0
-        for kind, _, stop in _options(data, last.pos + 2, last.pos + last.size):
+        for kind, _, stop in ipv6_option_spans(data, last.pos + 2, last.pos + last.size):
             if kind not in _PADDING:
                 break
             lead = stop - last.pos - 2

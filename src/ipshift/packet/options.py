@@ -88,28 +88,34 @@ def _encode_whole_length_options(options: list[Option] | tuple[Option, ...], whe
     return bytes(out)
 
 
+def ipv6_option_spans(data: BytesLike, start: int, stop: int) -> list[tuple[int, int, int]]:
+    """(type, start, end) of each option in ``data[start:stop]`` (the options area of a
+    hop-by-hop or destination options header), Pad1 and PadN included."""
+    spans: list[tuple[int, int, int]] = []
+    pos = start
+    while pos < stop:
+        kind = data[pos]
+        if kind == IPV6_PAD1:
+            spans.append((kind, pos, pos + 1))
+            pos += 1
+            continue
+        if pos + 1 >= stop:
+            raise PacketError("bad-option", f"IPv6 option {kind} has no length octet")
+        end = pos + 2 + data[pos + 1]
+        if end > stop:
+            raise PacketError("bad-option", f"IPv6 option {kind} runs past its header")
+        spans.append((kind, pos, end))
+        pos = end
+    return spans
+
+
 def decode_ipv6_options(raw: BytesLike) -> list[Option]:
     """Options of a hop-by-hop or destination options header (the bytes after the first two).
 
     Pad1 and PadN are kept so that encoding gives the same bytes back.
     """
-    options: list[Option] = []
-    size = len(raw)
-    pos = 0
-    while pos < size:
-        kind = raw[pos]
-        if kind == IPV6_PAD1:
-            options.append(Option(IPV6_PAD1))
-            pos += 1
-            continue
-        if pos + 1 >= size:
-            raise PacketError("bad-option", f"IPv6 option {kind} has no length octet")
-        end = pos + 2 + raw[pos + 1]
-        if end > size:
-            raise PacketError("bad-option", f"IPv6 option {kind} runs past its header")
-        options.append(Option(kind, bytes(raw[pos + 2 : end])))
-        pos = end
-    return options
+    return [Option(IPV6_PAD1) if kind == IPV6_PAD1 else Option(kind, bytes(raw[start + 2:end]))
+            for kind, start, end in ipv6_option_spans(raw, 0, len(raw))]
 
 
 def encode_ipv6_options(options: list[Option] | tuple[Option, ...]) -> bytes:
