@@ -611,7 +611,7 @@ def convert_checksum(buf: WritableBuffer, from_rule: Rule, to_rule: Rule,
 
 # -- the per-packet fast path ----------------------------------------------------------------
 def rewrite_locators(buf: WritableBuffer, src_locator: int, dst_locator: int,
-                     rule: Rule = "ilnp", offset: int = 0) -> None:
+                     rule: Rule = "ilnp", offset: int = 0, *, partial: bool = False) -> None:
     """Replace both L64s of the IPv6 packet at `offset` in place, fixing the checksum by RFC
     1624: ICMPv6 always (its pseudo-header has the full addresses); TCP, UDP, UDP-Lite and DCCP
     only under ``rule="ipv6"`` (under "ilnp" their pseudo-header has no locators).
@@ -621,7 +621,8 @@ def rewrite_locators(buf: WritableBuffer, src_locator: int, dst_locator: int,
     header's field, whose change then does not count. A UDP checksum of 0 stays 0; a computed
     0 is sent as 0xFFFF. Non-first fragments get the locators only. Raises PacketError (buffer
     untouched) for a malformed packet, ValueError for a locator outside 64 bits or an unknown
-    rule.
+    rule. `partial`: the checksum field holds a partial (pseudo-header) sum, as TUN packets
+    marked NEEDS_CSUM do: the change is added to it instead (docs/packet.md).
     """
     if rule != "ilnp" and rule != "ipv6":
         raise ValueError(f"checksum rule must be 'ilnp' or 'ipv6', not {rule!r}")
@@ -654,7 +655,11 @@ def rewrite_locators(buf: WritableBuffer, src_locator: int, dst_locator: int,
         if delta:
             at = start + field
             (value,) = _unpack_u16(buf, at)
-            if value or protocol != IPPROTO_UDP:  # UDP 0: no checksum (RFC 6935), stays 0
+            if partial:  # the sum the device completes: the change is added as it is
+                value += delta
+                value = (value & 0xFFFF) + (value >> 16)
+                _pack_u16(buf, at, value)
+            elif value or protocol != IPPROTO_UDP:  # UDP 0: no checksum (RFC 6935), stays 0
                 value = 0xFFFF - value + delta  # RFC 1624 eqn. 3, as in `apply_delta`
                 value = (value & 0xFFFF) + (value >> 16)
                 value = 0xFFFF - value if value else 0

@@ -53,8 +53,15 @@ from ipshift.daemon import (
 from ipshift.net import sysctl, tun, udp
 from ipshift.net.errors import NetError
 from ipshift.net.netlink import Netlink, Route
-from ipshift.tunnel import auth, batch
-from ipshift.tunnel.config import ConfigError, IPNetwork, TunnelConfig, remote_problem
+from ipshift.packet import vnet
+from ipshift.tunnel import auth, batch, wire
+from ipshift.tunnel.config import (
+    ConfigError,
+    Endpoint,
+    IPNetwork,
+    TunnelConfig,
+    remote_problem,
+)
 from ipshift.tunnel.forwarder import (
     DEFAULT_PEER_SLOTS,
     Counters,
@@ -104,6 +111,8 @@ class TunnelDaemon:
         """hooks: a component's own hooks (they see the peer; see ipshift.tunnel.hooks),
         composed with the rewrite rules: outbound the component's hook runs first, inbound
         last, so it sees packets as this host does."""
+        if hooks is not None and hooks.stranger is not None and config.queues > 1:
+            raise TunnelError("a stranger sink needs a tunnel of one queue (--queues 1)")
         self.config = config
         self.component_hooks = hooks
         self.rewrites = RewriteRules(config.rewrite_src, config.rewrite_dst)
@@ -116,6 +125,7 @@ class TunnelDaemon:
         self._pump: QueuePump | None = None
         self._channels: list[_WorkerChannel] = []
         self._update_lock = threading.Lock()
+        self._control_counts = {"sent": 0, "delivered": 0, "send_errors": 0, "write_errors": 0}
         self.mtu = 0
         self.chunk: int | None = None  # batch framing's chunk size (the MTU); None: per packet
         self.gso_max_size = TUN_GSO_MAX_SIZE  # the largest TSO super-packet the device builds
@@ -366,7 +376,41 @@ class TunnelDaemon:
         return Hooks(outbound=compose(component.outbound, rewrite.outbound),
                      inbound=compose(rewrite.inbound, component.inbound),
                      control=component.control, on_state=component.on_state,
-                     resizes=component.resizes)
+                     resizes=component.resizes, stranger=component.stranger)
+
+    # --- packets of the control plane -------------------------------------------------------------
+    def send_packet(self, endpoint: Endpoint, packet: bytes) -> bool:
+        """Send one inner IP packet (complete checksums) to the UDP `endpoint` in the per-packet
+        framing, from the first socket of its family: a component's own packets (an ILNP
+        Locator Update, a packet that waited for its correspondent), beside the data path.
+        False (counted in `send_errors`) if it could not be sent. Thread-safe."""
+        sock = next((s for s in self._queue_sockets(0) if s.family == endpoint.family), None)
+        if sock is None:
+            self._control_counts["send_errors"] += 1
+            return False
+        try:
+            sock.sendmsg([wire.PLAIN_HEADER, packet], [], 0, endpoint.socket_address())
+        except OSError as exc:
+            self._control_counts["send_errors"] += 1
+            log.debug("sending a control packet to %s: %s", endpoint, exc)
+            return False
+        self._control_counts["sent"] += 1
+        return True
+
+    def deliver(self, packet: bytes) -> bool:
+        """Write one inner IP packet (complete checksums) to the TUN device as if it came out
+        of the tunnel: a packet the control plane accepted. Thread-safe (a TUN write is one
+        packet); False (counted) if the device refused it."""
+        if self.device is None:
+            return False
+        try:
+            os.writev(self.device.fds[0], [vnet.PLAIN, packet])
+        except OSError as exc:
+            self._control_counts["write_errors"] += 1
+            log.debug("writing a control packet to %s: %s", self.config.dev, exc)
+            return False
+        self._control_counts["delivered"] += 1
+        return True
 
     # --- changes while running ----------------------------------------------------------------
     def update_peers(self, upserts: Iterable[Peer] = (), removals: Iterable[str] = ()) -> int:
@@ -560,6 +604,7 @@ class TunnelDaemon:
                 "running": self.alive(),
             },
             "counters": self.counters().as_dict(),
+            "control_plane": dict(self._control_counts),
             "raw": self._raw_status(),
         }
 

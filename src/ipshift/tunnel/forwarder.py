@@ -86,6 +86,7 @@ class Counters:
     receive_errors: int = 0
     write_errors: int = 0
     foreign: int = 0  # datagrams from an endpoint that is no peer's (unknown_endpoint)
+    strangers: int = 0  # ... of them handed to the component's stranger sink
     streams_incomplete: int = 0  # batch framing: super-packets that lost chunks on the way
     segments_recovered: int = 0  # ... and the segments of them delivered nonetheless
     loss_reports_sent: int = 0  # reports of incomplete streams sent to the peer
@@ -270,7 +271,7 @@ class QueuePump:
         self.counters.table_generation = self.table.generation
         self._states: dict[str, _PeerState] = {}
         self._slot_owner: dict[int, str] = {}
-        self._hooks = hooks or Hooks()
+        self._hooks = hooks if hooks is not None else Hooks()
         self._bind_hooks()
         overhead = auth.OVERHEAD * udp.MAX_SEGMENTS if authenticated else 0
         self.max_batch = udp.max_batch(self.sock.family) - overhead
@@ -321,7 +322,7 @@ class QueuePump:
 
     @hooks.setter
     def hooks(self, hooks: Hooks | None) -> None:
-        self._hooks = hooks or Hooks()
+        self._hooks = hooks if hooks is not None else Hooks()
         self._bind_hooks()
         self._decapsulator.coalesce = not self._hooks.resizes
 
@@ -805,6 +806,8 @@ class QueuePump:
                 if sender != self._current_sender or state is None:
                     state = self._switch_sender(sender)
                     if state is None:
+                        if self._hooks.stranger is not None:
+                            self._hand_to_stranger(sender, size, segment)
                         return
                 state.words[state.base + _P_IN_BYTES] += size
                 if state.auth is not None:
@@ -891,6 +894,20 @@ class QueuePump:
         self._current = state
         self._current_sender = sender
         return state
+
+    def _hand_to_stranger(self, sender: udp.Address, size: int, segment: int) -> None:
+        """Give each datagram of a batch from an unknown endpoint to the stranger sink."""
+        sink = self._hooks.stranger
+        assert sink is not None
+        data = self._decapsulator.buffer
+        step = segment if 0 < segment < size else size
+        address = (str(sender[0]), int(sender[1]) - self.queue)
+        for start in range(0, size, step):
+            self.counters.strangers += 1
+            try:
+                sink(address, bytes(data[start:min(start + step, size)]))
+            except Exception:
+                log.exception("the stranger sink failed on a datagram from %s", address[0])
 
     def _flush_current(self) -> None:
         state = self._current

@@ -62,6 +62,10 @@ PeerHook: TypeAlias = "Callable[[bytearray, int, bool, Peer], HookResult]"
 #: from TUN) or "inbound" (received from the peer). Called on the forwarding thread (or in a
 #: queue worker's parent, see TunnelDaemon): it must be quick and thread-safe.
 ControlSink: TypeAlias = "Callable[[Peer, str, bytes], None]"
+#: stranger(sender, datagram): a UDP datagram (tunnel header included) from an endpoint no
+#: peer has, e.g. a correspondent that moved to an address nobody has told the table of yet.
+#: Called on the forwarding thread, once per datagram: it must be quick and thread-safe.
+StrangerSink: TypeAlias = "Callable[[tuple[str, int], bytes], None]"
 
 OUTBOUND: Final = "outbound"
 INBOUND: Final = "inbound"
@@ -74,7 +78,9 @@ class Hooks:
     `control` receives the packets a hook answered CONTROL for; `resizes` says the hooks may
     return replacements of another length. `on_state(state)` is called in
     every queue worker with what `TunnelDaemon.update_hook_state(state)` sent (JSON-like), for
-    hooks whose tables change at run time."""
+    hooks whose tables change at run time. `stranger` receives the datagrams of endpoints no
+    peer has (still counted as `foreign`), instead of their being dropped unseen: a component
+    whose correspondents move (ILNP) learns new endpoints from them. One queue only."""
 
     outbound: PeerHook | None = None
     inbound: PeerHook | None = None
@@ -84,6 +90,7 @@ class Hooks:
     # whole packets (super-packets copied out of the batch slots, no coalescing of received
     # segments), which costs a copy per super-packet.
     resizes: bool = False
+    stranger: StrangerSink | None = None
 
     def __bool__(self) -> bool:
         return self.outbound is not None or self.inbound is not None
@@ -132,6 +139,7 @@ __all__ = [
     "HookResult",
     "Hooks",
     "PeerHook",
+    "StrangerSink",
     "compose",
     "packet_length",
 ]

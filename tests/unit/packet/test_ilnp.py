@@ -40,6 +40,7 @@ from ipshift.packet import (
     ilnp,
     parse_packet,
 )
+from ipshift.packet.checksum import complete_partial_checksum, pseudo_header_sum
 from ipshift.packet.ilnp import (
     ICMPV6_LOCATOR_UPDATE,
     LU_ACKNOWLEDGEMENT,
@@ -783,6 +784,22 @@ def test_rewrite_locators_by_hand() -> None:
     again = bytearray(expected)
     ilnp.rewrite_locators(again, L_C, L_D, "ipv6")
     assert again == expected
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp", "icmpv6"])
+def test_rewrite_locators_of_a_partial_checksum_completes_right(proto: str) -> None:
+    # a NEEDS_CSUM packet from TUN: the field holds the pseudo-header sum, not complemented
+    layer = {"tcp": TCP(sport=1, dport=2), "udp": UDP(sport=1, dport=2),
+             "icmpv6": ICMPv6EchoRequest(id=7)}[proto]
+    packet = bytearray(bytes(IPv6(src=A, dst=B) / layer / b"payload"))
+    field = 40 + {"tcp": 16, "udp": 6, "icmpv6": 2}[proto]
+    protocol = packet[6]
+    packet[field:field + 2] = b"\0\0"
+    pseudo = pseudo_header_sum(packet[8:24], packet[24:40], protocol, len(packet) - 40)
+    packet[field:field + 2] = pseudo.to_bytes(2, "big")
+    ilnp.rewrite_locators(packet, L_C, L_D, "ipv6", partial=True)
+    complete_partial_checksum(packet, 40, field - 40)
+    assert ilnp.verify_checksum(packet, "ipv6")
 
 
 @pytest.mark.parametrize("rule", RULES)

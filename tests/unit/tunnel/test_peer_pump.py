@@ -183,6 +183,26 @@ def test_a_datagram_from_no_peer_is_counted_and_dropped(star: Star) -> None:
     assert written(gw) == [] and gw.pump.counters.foreign == 1
 
 
+def test_a_stranger_sink_sees_each_datagram_from_no_peer_whole() -> None:
+    seen: list[tuple[tuple[str, int], bytes]] = []
+    hooks = Hooks(stranger=lambda sender, datagram: seen.append((sender, datagram)))
+    for star in _star(None, gateway_hooks=hooks):
+        gw = star.gateway
+        stranger = udp.open_udp(("127.0.0.9", 0))
+        try:
+            datagrams = [wire.PLAIN_HEADER + udp4("198.51.100.5", "203.0.113.1", payload=b"x" * n)
+                         for n in (1, 300)]
+            for datagram in datagrams:
+                stranger.sendto(datagram, gw.sock.getsockname())
+            pump_until_quiet(gw)
+            port = stranger.getsockname()[1]
+        finally:
+            stranger.close()
+        assert written(gw) == []
+        assert seen == [(("127.0.0.9", port), d) for d in datagrams]
+        assert gw.pump.counters.foreign == 2 and gw.pump.counters.strangers == 2
+
+
 def test_a_super_packet_from_a_peer_is_checked_once_and_arrives_whole(star: Star) -> None:
     gw = star.gateway
     p2 = star.peers["p2"]
