@@ -40,6 +40,8 @@ COMPONENTS: tuple[Component, ...] = (
               "ipshift.rsip.cli", "ipshift.rsip.demo",
               "two private hosts lease ports of one public address; a server behind it",
               "bench.bench_rsip"),
+    Component("ilnp", "Identifier-Locator Network Protocol: mobility, multihoming, UDP proxy",
+              "ipshift.ilnp.cli"),
 )
 
 #: Commands that are not components, before and after the components in `ipshift --help`.

@@ -143,6 +143,25 @@ class Route:
     nonce: bytes | None
 
 
+@dataclass(frozen=True, slots=True)
+class Path:
+    """The data path's view of one correspondent (`NodeEngine.paths`): packets to it leave
+    from `local` for `remote`, handed to `next_hop`; ours carry `nonce_out` until
+    `carry_until` (and until its first packet if `carry_first`); packets from it are taken
+    from `locators`, or from elsewhere with one of the two nonces (then the engine learns
+    the new locator)."""
+
+    nid: int
+    local: int
+    remote: int
+    next_hop: tuple[int, int]
+    nonce_out: bytes
+    nonce_in: bytes | None
+    carry_until: float
+    carry_first: bool
+    locators: frozenset[int]
+
+
 class Verdict(Enum):
     DELIVER = "deliver"     # for this node: to the TUN device
     FORWARD = "forward"     # a router passing it on (see Arrival's destination)
@@ -458,6 +477,35 @@ class NodeEngine:
 
     def next_deadline(self) -> float | None:
         return self._timers[0][0] if self._timers else None
+
+    next_timer = next_deadline  # the name ipshift.daemon.EnginePump calls
+
+    def touch(self, nid: int, now: float, *, heard: bool = False, sent: bool = False) -> None:
+        """The data path carried packets from (`heard`) or to (`sent`) `nid` since the last
+        call: it stays an active correspondent (told of moves) and is not forgotten."""
+        cn = self.ilcc.get(nid)
+        if cn is None:
+            return
+        if heard:
+            cn.heard = now
+        if sent:
+            cn.sent = now
+
+    def paths(self, now: float) -> dict[int, Path]:
+        """What the data path needs per correspondent it can reach now: the route, both
+        nonces, until when our nonce rides in every packet, and the locators it may send from.
+        Correspondents without a route are left out (their packets come to the engine)."""
+        out: dict[int, Path] = {}
+        for cn in self.ilcc.values():
+            route = self._route(cn, now, count=False)
+            if route is None:
+                continue
+            out[cn.nid] = Path(
+                nid=cn.nid, local=route.local, remote=route.remote, next_hop=route.next_hop,
+                nonce_out=cn.nonce_out, nonce_in=cn.nonce_in, carry_until=cn.nonce_until,
+                carry_first=cn.heard == float("-inf"),
+                locators=frozenset(cn.live_locators(now)))
+        return out
 
     def actions(self) -> list[Action]:
         out, self._actions = self._actions, []
