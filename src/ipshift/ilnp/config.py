@@ -77,7 +77,7 @@ class NodeFileConfig:
     hosts: tuple[StaticHost, ...] = ()
     dns: DnsSettings | None = None
     schedule: Schedule | None = None
-    engine: dict[str, float] = field(default_factory=dict)
+    engine: dict[str, float | bool] = field(default_factory=dict)
     netns: str | None = None
     log_level: str = "info"
 
@@ -90,7 +90,7 @@ class NodeFileConfig:
 
 
 ENGINE_KEYS = ("lu_interval", "lu_tries", "nonce_hold", "active", "idle", "resolve_wait",
-               "replay_window")
+               "replay_window", "lu_sequence")
 _TOP = {"name", "nid", "interfaces", "device", "port", "app_locator", "checksum", "nonce_size",
         "router", "hop_limit", "mtu", "preferences", "discovery", "hosts", "dns", "schedule",
         "engine", "log_level"}
@@ -192,7 +192,10 @@ def parse(data: dict[str, Any], netns: str | None = None) -> NodeFileConfig:
     for key in engine:
         if key not in ENGINE_KEYS:
             raise NodeConfigError(f"engine.{key}: unknown; known: {', '.join(ENGINE_KEYS)}")
-        _number(engine, key, 1, 0.001, 86400, "engine.", integer=key == "lu_tries")
+        if key == "lu_sequence":
+            _want(engine[key], bool, "engine.lu_sequence", "true or false")
+        else:
+            _number(engine, key, 1, 0.001, 86400, "engine.", integer=key == "lu_tries")
     mtu = data.get("mtu")
     if mtu is not None:
         _number(data, "mtu", 1400, 1280, 65000, "", integer=True)
@@ -212,7 +215,8 @@ def parse(data: dict[str, Any], netns: str | None = None) -> NodeFileConfig:
             data.get("hosts", []), list, "hosts", "a list of [[hosts]] tables"))),
         dns=_dns(data["dns"]) if "dns" in data else None,
         schedule=_schedule(data["schedule"]) if "schedule" in data else None,
-        engine={k: float(v) for k, v in engine.items()}, netns=netns,
+        engine={k: v if isinstance(v, bool) else float(v) for k, v in engine.items()},
+        netns=netns,
         log_level=_want(data.get("log_level", "info"), str, "log_level", "debug, info, ..."),
     )
 

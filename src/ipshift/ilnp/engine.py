@@ -32,11 +32,18 @@ Decisions (RFC points left open, decided once):
 - Locator Updates: sent to every correspondent heard from or sent to within `active` seconds,
   at once, then retried with linear back-off (interval x try, `lu_tries` in all, as FreeBSD
   does); the ack must repeat the advertised set. A retransmitted advertisement is acked again.
-- Replays: an advertisement must come from one of the locators it advertises, and one that
-  brings back a set the correspondent replaced less than `replay_window` ago is dropped as a
-  replay. The nonce already stops every off-path forger; these two stop an on-path one from
-  undoing a move by replaying its previous update at once. (Later, the RFC's nonce offers no
-  more: RFC 6744 leaves that to IPsec.)
+- Replays: an advertisement must come from one of the locators it advertises. Our
+  advertisements are numbered: the 16-bit Reserved field (which RFC 6743 says to send as
+  zero and to ignore) carries a move counter, 1..65535 and wrapping, and its ack repeats it
+  (`lu_sequence`, on by default; off sends zero as the RFC says). From a correspondent that
+  numbers its updates, one not newer than the last taken (serial-number order) is a replay or
+  a late retransmission of an older set and is dropped, whatever the time; a copy of the
+  current one is acked again. From one that does not (Reserved zero: another
+  implementation), an advertisement bringing back a set replaced less than `replay_window`
+  ago is dropped as a replay (so a node moving back within the window must be numbering).
+  The nonce already stops every off-path forger; these stop an on-path one from undoing a
+  move by replaying an earlier update. (Beyond that the RFC's nonce offers no more: RFC 6744
+  leaves it to IPsec.)
 - A locator that expires (its lifetime from the LU or DNS) is removed; a correspondent left
   with none is resolved again.
 """
@@ -84,6 +91,7 @@ class NodeConfig:
     active: float = 120.0         # s: a correspondent heard from or sent to is told of moves
     idle: float = 600.0           # s: an ILCC entry this idle is forgotten
     resolve_wait: float = 5.0     # s a packet may wait for its correspondent's locators
+    lu_sequence: bool = True      # number our advertisements in the Reserved field
     replay_window: float = 5.0    # s: an advertisement of a set replaced this recently is a
     #                               replay (longer than a retransmitting mover's tries)
     router: bool = False          # forward packets for other nodes by destination locator
@@ -123,10 +131,12 @@ class LocatorEntry:
 
 @dataclass(frozen=True, slots=True)
 class Update:
-    """A Locator Update as the codec decoded it."""
+    """A Locator Update as the codec decoded it. `sequence`: the message's Reserved field,
+    which ipshift senders fill with their move counter (0: none; see the module docstring)."""
 
     operation: int
     locators: tuple[LocatorEntry, ...]
+    sequence: int = 0
 
 
 # --- what the engine decides ---------------------------------------------------------------------
@@ -224,6 +234,7 @@ class _Pending:
     first_sent: float
     tries: int
     due: float
+    sequence: int = 0
 
 
 @dataclass(slots=True)
@@ -243,6 +254,7 @@ class Correspondent:
     queue: deque[bytes] = field(default_factory=deque)
     rtt: float | None = None
     replaced: dict[tuple[tuple[int, int], ...], float] = field(default_factory=dict)
+    sequence_in: int = 0               # the newest sequence of its advertisements we took
     packets_in: int = 0
     packets_out: int = 0
 
@@ -280,6 +292,7 @@ class NodeEngine:
         self.lu_latencies: deque[float] = deque(maxlen=1024)  # advertisement -> ack, seconds
         self.moves = 0
         self._actions: list[Action] = []
+        self._sequence = 0  # numbers our advertisements (1..65535, wrapping)
         self._timers: list[tuple[float, int]] = []  # (when, nid): retries, expiries, waits
 
     # --- our locators ------------------------------------------------------------------------
@@ -294,6 +307,7 @@ class NodeEngine:
         for gone in old - set(new):
             self.routers.pop(gone, None)
         self.moves += 1
+        self._sequence = self._sequence % 0xFFFF + 1 if self.config.lu_sequence else 0
         entries = self.advertised()
         self._note(logging.INFO, f"locators now {_l64s(new)} (were {_l64s(old)})")
         self._actions.append(Publish(entries))
@@ -303,7 +317,7 @@ class NodeEngine:
             if max(cn.heard, cn.sent) + self.config.active < now:
                 continue
             cn.nonce_until = now + self._hold(cn)
-            cn.pending = _Pending(entries, now, 0, now)
+            cn.pending = _Pending(entries, now, 0, now, self._sequence)
             self._send_pending(cn, now)
 
     def set_router(self, locator: int, nid: int | None) -> None:
@@ -428,7 +442,8 @@ class NodeEngine:
         cn.heard = now
         if update.operation == ACK:
             pending = cn.pending
-            if pending is None or update.locators != pending.locators:
+            if pending is None or update.locators != pending.locators or \
+                    update.sequence != pending.sequence:
                 return self._drop("lu_stale_ack")
             latency = now - pending.first_sent
             self.lu_latencies.append(latency)
@@ -443,7 +458,15 @@ class NodeEngine:
         current = tuple(sorted((l64, r.preference) for l64, (r, _) in cn.locators.items()
                                if r.source == "lu"))
         offered = tuple(sorted((e.l64, e.preference) for e in update.locators))
-        if offered != current:
+        if update.sequence:
+            if cn.sequence_in and not _newer(update.sequence, cn.sequence_in) and not (
+                    update.sequence == cn.sequence_in and offered == current):
+                self._note(logging.WARNING, f"Locator Update {update.sequence} from "
+                                            f"{nid_text(cn.nid)} is older than {cn.sequence_in}"
+                                            ": a replay or a late copy, dropped")
+                return self._drop("lu_replayed")
+            cn.sequence_in = update.sequence
+        elif offered != current:
             replaced = cn.replaced.get(offered)
             if replaced is not None and now - replaced < self.config.replay_window:
                 self._note(logging.WARNING, f"Locator Update from {nid_text(cn.nid)} repeats "
@@ -462,7 +485,8 @@ class NodeEngine:
         if route is None:
             self.counters.drop("lu_ack_unroutable")
         else:
-            self._actions.append(SendUpdate(route, Update(ACK, update.locators),
+            self._actions.append(SendUpdate(route, Update(ACK, update.locators,
+                                                          update.sequence),
                                             cn.nonce_out))
             self.counters.acks_sent += 1
         return Decision(Verdict.DELIVER)
@@ -606,7 +630,8 @@ class NodeEngine:
         if route is None:
             self.counters.drop("lu_unroutable")
             return
-        self._actions.append(SendUpdate(route, Update(ADVERTISE, pending.locators),
+        self._actions.append(SendUpdate(route, Update(ADVERTISE, pending.locators,
+                                                      pending.sequence),
                                         cn.nonce_out))
         if pending.tries == 1:
             self.counters.lu_sent += 1
@@ -659,6 +684,11 @@ class NodeEngine:
 
     def _note(self, level: int, text: str) -> None:
         self._actions.append(Note(level, text))
+
+
+def _newer(a: int, b: int) -> bool:
+    """Whether sequence `a` comes after `b` (RFC 1982 serial numbers over 1..65535)."""
+    return a != b and (a - b) % 0xFFFF < 0x8000
 
 
 def nid_text(nid: int) -> str:

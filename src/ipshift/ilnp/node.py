@@ -103,10 +103,11 @@ class NodeService:
         self.config = config
         self.instance = config.device
         self.netns = config.netns
+        settings: dict[str, Any] = {k: (int(v) if k == "lu_tries" else v)
+                                    for k, v in config.engine.items()}
         self.engine = NodeEngine(NodeConfig(
             nid=config.nid, nonce_size=config.nonce_size, router=config.router,
-            hop_limit=config.hop_limit,
-            **{k: (int(v) if k == "lu_tries" else v) for k, v in config.engine.items()}))
+            hop_limit=config.hop_limit, **settings))
         self.datapath = DataPath(config.nid, config.app_locator, rule=config.checksum,
                                  clock=time.monotonic, router=config.router,
                                  catch_all=CATCH_ALL)
@@ -278,17 +279,20 @@ class NodeService:
             self._transmit(route, packet)
 
     def _inbound(self, packet: bytes, now: float) -> None:
-        _, next_header, hop, src_loc, src_nid, dst_loc, dst_nid = _HEADER.unpack_from(packet)
+        _, _, hop, src_loc, src_nid, dst_loc, dst_nid = _HEADER.unpack_from(packet)
         arrival = Arrival(src_loc, src_nid, dst_loc, dst_nid, wire_ilnp.find_nonce(packet),
                           dst_loc if dst_loc in self.engine.own else
                           next(iter(self.engine.own), 0), hop)
         if is_locator_update(packet):
             lu = wire_ilnp.parse_locator_update_packet(packet)
             update = Update(lu.update.operation, tuple(
-                LocatorEntry(e.l64, e.preference, e.lifetime) for e in lu.update.locators))
-            self.engine.locator_update(arrival, update, now)
-            return
-        decision = self.engine.inbound(arrival, now)
+                LocatorEntry(e.l64, e.preference, e.lifetime) for e in lu.update.locators),
+                lu.update.reserved)
+            decision = self.engine.locator_update(arrival, update, now)
+            if decision.verdict is Verdict.DELIVER:
+                return
+        else:
+            decision = self.engine.inbound(arrival, now)
         tunnel = self.tunnel
         if tunnel is None:
             return
@@ -326,7 +330,7 @@ class NodeService:
         assert update.operation in (ADVERTISE, ACK)
         message = wire_ilnp.LocatorUpdate(operation, tuple(
             wire_ilnp.LocatorEntry(e.l64, e.preference, min(e.lifetime, 0xFFFF))
-            for e in update.locators))
+            for e in update.locators), update.sequence)
         packet = wire_ilnp.locator_update_packet(
             wire_ilnp.ilv(route.local, self.config.nid), wire_ilnp.ilv(route.remote, route.nid),
             message, nonce=action.nonce, hop_limit=self.config.hop_limit)
@@ -682,12 +686,12 @@ class NodeService:
     def metrics(self) -> list[Metric]:
         counts = self.engine.counters
         return [
-            gauge("ilnp_locators", "locators this node holds", len(self.engine.own)),
-            gauge("ilnp_correspondents", "ILCC entries", len(self.engine.ilcc)),
-            counter("ilnp_lu_sent_total", "Locator Updates sent", counts.lu_sent),
-            counter("ilnp_lu_acked_total", "Locator Updates acknowledged", counts.lu_acked),
-            counter("ilnp_lu_received_total", "Locator Updates received", counts.lu_received),
-            counter("ilnp_moves_total", "locator set changes", self.engine.moves),
+            gauge("ilnp_locators", len(self.engine.own), "locators this node holds"),
+            gauge("ilnp_correspondents", len(self.engine.ilcc), "ILCC entries"),
+            counter("ilnp_lu_sent", counts.lu_sent, "Locator Updates sent"),
+            counter("ilnp_lu_acked", counts.lu_acked, "Locator Updates acknowledged"),
+            counter("ilnp_lu_received", counts.lu_received, "Locator Updates received"),
+            counter("ilnp_moves", self.engine.moves, "locator set changes"),
         ]
 
 
