@@ -74,6 +74,7 @@ class NodeFileConfig:
     discovery: bool = True
     discovery_port: int = DEFAULT_DISCOVERY_PORT
     hello_interval: float = 5.0
+    flood: bool = True  # a router passes hellos on to its other links
     hosts: tuple[StaticHost, ...] = ()
     dns: DnsSettings | None = None
     schedule: Schedule | None = None
@@ -187,7 +188,11 @@ def parse(data: dict[str, Any], netns: str | None = None) -> NodeFileConfig:
             raise NodeConfigError(f"preferences.{dev}: not one of interfaces")
         _number(preferences, dev, 10, 0, 0xFFFF, "preferences.", integer=True)
     discovery = _want(data.get("discovery", {}), dict, "discovery",
-                      "a table (enabled, port, interval)")
+                      "a table (enabled, port, interval, flood)")
+    unknown_discovery = set(discovery) - {"enabled", "port", "interval", "flood"}
+    if unknown_discovery:
+        raise NodeConfigError(f"discovery.{sorted(unknown_discovery)[0]}: unknown; known: "
+                              "enabled, port, interval, flood")
     engine = _want(data.get("engine", {}), dict, "engine", "a table of engine settings")
     for key in engine:
         if key not in ENGINE_KEYS:
@@ -211,6 +216,7 @@ def parse(data: dict[str, Any], netns: str | None = None) -> NodeFileConfig:
         discovery_port=_number(discovery, "port", DEFAULT_DISCOVERY_PORT, 1, 65535,
                                "discovery.", integer=True),
         hello_interval=_number(discovery, "interval", 5.0, 0.1, 3600, "discovery."),
+        flood=_want(discovery.get("flood", True), bool, "discovery.flood", "true or false"),
         hosts=tuple(_host(h, i) for i, h in enumerate(_want(
             data.get("hosts", []), list, "hosts", "a list of [[hosts]] tables"))),
         dns=_dns(data["dns"]) if "dns" in data else None,

@@ -272,6 +272,7 @@ class Counters:
     lu_retransmitted: int = 0
     lu_acked: int = 0
     lu_failed: int = 0
+    lu_superseded: int = 0
     lu_received: int = 0
     acks_sent: int = 0
     drops: dict[str, int] = field(default_factory=dict)
@@ -286,6 +287,8 @@ class NodeEngine:
         self.config = config
         self._random = random_bytes
         self.own: dict[int, Own] = {}
+        self.left: dict[int, float] = {}  # our locators removed lately -> until when packets
+        #                                   addressed to them are still taken
         self.routers: dict[int, int] = {}          # our locator -> a router's NID on it
         self.ilcc: dict[int, Correspondent] = {}
         self.counters = Counters()
@@ -304,6 +307,10 @@ class NodeEngine:
             return
         old = set(self.own)
         self.own = new
+        for gone in old - set(new):  # packets already on their way there still arrive
+            self.left[gone] = now + self.config.nonce_hold
+        for back in set(new) & set(self.left):
+            del self.left[back]
         for gone in old - set(new):
             self.routers.pop(gone, None)
         self.moves += 1
@@ -317,6 +324,8 @@ class NodeEngine:
             if max(cn.heard, cn.sent) + self.config.active < now:
                 continue
             cn.nonce_until = now + self._hold(cn)
+            if cn.pending is not None:
+                self.counters.lu_superseded += 1  # a newer set replaces it before its ack
             cn.pending = _Pending(entries, now, 0, now, self._sequence)
             self._send_pending(cn, now)
 
@@ -391,7 +400,7 @@ class NodeEngine:
         a = arrival
         if a.dst_nid != self.config.nid:
             return self._forward(a)
-        if a.dst_locator not in self.own:
+        if a.dst_locator not in self.own and self.left.get(a.dst_locator, 0.0) <= now:
             return self._drop("not_our_locator")
         cn = self.ilcc.get(a.src_nid)
         if cn is None:
@@ -514,6 +523,13 @@ class NodeEngine:
             cn.heard = now
         if sent:
             cn.sent = now
+
+    def receiving(self, now: float) -> frozenset[int]:
+        """The locators packets for us may be addressed to: ours, and those we left less
+        than `nonce_hold` ago (what was in flight when we moved)."""
+        for l64 in [l64 for l64, until in self.left.items() if until <= now]:
+            del self.left[l64]
+        return frozenset(self.own) | frozenset(self.left)
 
     def paths(self, now: float) -> dict[int, Path]:
         """What the data path needs per correspondent it can reach now: the route, both

@@ -65,7 +65,12 @@ from ipshift.ilnp.engine import (
 )
 from ipshift.net import udp
 from ipshift.net.errors import NetError
-from ipshift.net.netlink import IFA_F_DADFAILED, IFA_F_TENTATIVE, KernelWatcher
+from ipshift.net.netlink import (
+    IFA_F_DADFAILED,
+    IFA_F_DEPRECATED,
+    IFA_F_TENTATIVE,
+    KernelWatcher,
+)
 from ipshift.packet import ilnp as wire_ilnp
 from ipshift.packet.checksum import complete_partial_checksum
 from ipshift.packet.errors import PacketError
@@ -78,6 +83,7 @@ from ipshift.tunnel.peers import Peer
 log = logging.getLogger("ipshift.ilnp")
 
 CATCH_ALL = "unresolved"
+DEPRECATED_PENALTY = 100  # added to the preference of a locator whose address is deprecated
 SYNC_INTERVAL = 0.5  # s between reads of the tunnel's per-peer counters (activity)
 _MASK64 = (1 << 64) - 1
 _HEADER = struct.Struct("!4xHBBQQQQ")
@@ -159,6 +165,7 @@ class NodeService:
             rt.spawn(self._run_schedule(config.schedule), "locator schedule")
         self._follow_locators()
         rt.every(SYNC_INTERVAL, self._read_activity, "reading the data path's activity")
+        rt.every(1.0, self._check_tunnel, "watching the tunnel")
         if config.discovery:
             rt.every(config.hello_interval, lambda: self._send_hellos(False), "sending hellos")
             self._send_hellos(True)
@@ -179,8 +186,11 @@ class NodeService:
             dynamic=True, serve=None, framing="packet", mtu=config.mtu, netns=config.netns,
             headroom=4 + 4 * ((config.nonce_size + 4) // 4),
             addresses=(ipaddress.IPv6Interface(f"{app}/64"),)),
+            # resizes=False keeps the receive side coalescing TCP segments: the hooks replace
+            # only packets that carry a nonce, and the tunnel never coalesces packets with
+            # extension headers, so every packet they resize reaches them whole.
             Hooks(outbound=self.datapath.outbound, inbound=self.datapath.inbound,
-                  control=self._from_forwarder, on_state=self.datapath.apply, resizes=True,
+                  control=self._from_forwarder, on_state=self.datapath.apply, resizes=False,
                   stranger=self._stranger))
         try:
             tunnel.open()
@@ -376,10 +386,14 @@ class NodeService:
             except ValueError as exc:
                 self.counters["peer_update_failed"] += 1
                 log.warning("cannot update the tunnel's peers: %s", exc)
-        state = DataPath.encode_state(paths, self.engine.own)
+        state = DataPath.encode_state(paths, self.engine.receiving(time.monotonic()))
         if state != self._pushed:
             tunnel.update_hook_state(state)
             self._pushed = state
+
+    def _check_tunnel(self) -> None:
+        if self.tunnel is not None and not self.tunnel.alive() and self._rt is not None:
+            self._rt.fail("the tunnel's forwarding thread stopped (see the error above)")
 
     def _read_activity(self) -> None:
         """Tell the engine which correspondents the data path carried packets for."""
@@ -427,7 +441,12 @@ class NodeService:
                         address.flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
                     continue
                 l64 = value >> 64
-                found[l64] = Own(self.config.preferences.get(dev, 10))
+                preference = self.config.preferences.get(dev, 10)
+                if address.flags & IFA_F_DEPRECATED or address.preferred_lft == 0:
+                    # a network about to go (RFC 4862 deprecation): correspondents move off
+                    # it now, while it still works, so its removal loses nothing
+                    preference = min(preference + DEPRECATED_PENALTY, 0xFFFF)
+                found[l64] = Own(preference)
                 self._locator_devs[l64] = dev
         return found
 
@@ -437,8 +456,8 @@ class NodeService:
             present = {l64: own for l64, own in present.items() if l64 in self._schedule_set}
         if present != self.engine.own:
             self.counters["moves"] += 1
+            self._learn_routers(present)  # first: the updates may go through them
             self.engine.set_locators(present, time.monotonic())
-            self._learn_routers()
         self._step()
 
     async def _run_schedule(self, schedule: Schedule) -> None:
@@ -501,7 +520,7 @@ class NodeService:
             self.counters["hellos_received"] += 1
             answer = answer or hello.solicit
             self._heard(hello)
-            if self.config.router and hello.ttl > 1:
+            if self.config.router and self.config.flood and hello.ttl > 1:
                 self._flood(dataclasses.replace(hello, ttl=hello.ttl - 1).encode(), got.ifindex)
         if answer:
             self._send_hellos(False)
@@ -518,9 +537,10 @@ class NodeService:
         if hello.router:
             self._learn_routers()
 
-    def _learn_routers(self) -> None:
+    def _learn_routers(self, locators: Iterable[int] | None = None) -> None:
+        """The router on each of our networks (`locators`, default: our locators now)."""
         now = time.monotonic()
-        for l64 in self.engine.own:
+        for l64 in (self.engine.own if locators is None else locators):
             router = next((n.nid for n in self.neighbours.values()
                            if n.router and l64 in n.locators and n.expires > now), None)
             self.engine.set_router(l64, router)
@@ -581,9 +601,12 @@ class NodeService:
             return None
         self.counters["dns_resolved"] += 1
         found = records.preferred_nid
-        if nid is not None:
-            self._resolving.discard(nid)
-            found = nid if any(v == nid for _, v in records.nids) else found
+        if nid is None:
+            # a name looked up for a program (ctl resolve): its packets will ask the engine,
+            # which looks the NID up itself; a cache here would go stale with the next move
+            return found
+        self._resolving.discard(nid)
+        found = nid if any(v == nid for _, v in records.nids) else found
         now = time.monotonic()
         self.engine.learned(found, {l64: Remote(pref, max(records.ttl, 1), "dns")
                                     for pref, l64 in records.l64s}, now)

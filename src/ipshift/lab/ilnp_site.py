@@ -118,7 +118,8 @@ class IlnpSite:
 
     def status(self, node: Node) -> dict[str, Any]:
         """The node's status document (over its control socket, a file of the workdir)."""
-        return self.call(node, "status")
+        doc: dict[str, Any] = self.call(node, "status")
+        return doc
 
     def call(self, node: Node, method: str, **params: Any) -> Any:
         try:
@@ -138,8 +139,9 @@ class IlnpSite:
         raise LabError("mn and cn did not discover each other")
 
     def move(self, node: Node | None = None, *, soft: float = 0.2) -> int:
-        """Move mn to its other link: add the I-LV there, wait `soft` seconds (0: hard
-        handoff: delete first), delete the old one. Returns the new link."""
+        """Move mn to its other link: add the I-LV there and deprecate the old one, wait
+        `soft` seconds, delete the old one (soft <= 0: hard handoff, the old one deleted
+        first). Returns the new link."""
         node = node or self.mn
         old, new = self.at, 2 if self.at == 1 else 1
         nid = NIDS[node.name]
@@ -147,7 +149,11 @@ class IlnpSite:
             node.ip("addr", "del", f"{ilv(old, nid)}/64", "dev", f"l{old}")
             node.ip("addr", "add", f"{ilv(new, nid)}/64", "dev", f"l{new}", "nodad")
         else:
+            # attach, then deprecate the old address (as a router leaving does by RA): the
+            # node tells its correspondents to move off it before it goes
             node.ip("addr", "add", f"{ilv(new, nid)}/64", "dev", f"l{new}", "nodad")
+            node.ip("addr", "change", f"{ilv(old, nid)}/64", "dev", f"l{old}",
+                    "preferred_lft", "0")
             time.sleep(soft)
             node.ip("addr", "del", f"{ilv(old, nid)}/64", "dev", f"l{old}")
         self.at = new

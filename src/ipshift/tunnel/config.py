@@ -191,9 +191,13 @@ class TunnelConfig:
     @property
     def overhead(self) -> int:
         """Bytes the tunnel adds to each inner packet: outer IP + UDP + tunnel header (over
-        IPv6 if any peer is reached over IPv6), the authentication header and tag if any peer
+        IPv6 if any peer is reached over IPv6, or with no peer yet a local endpoint is IPv6),
+        the authentication header and tag if any peer
         has a key, and the headroom left for hooks."""
-        six = any(remote.host.version == 6 for remote, _what in self.remotes())
+        remotes = self.remotes()
+        # with no peers yet (a dynamic table) the local endpoints say how they will come
+        six = any(remote.host.version == 6 for remote, _what in remotes) or (
+            not remotes and any(local.host.version == 6 for local in self.locals()))
         auth = AUTH_OVERHEAD if self.authenticated else 0
         return (40 if six else 20) + UDP_HEADER_LEN + wire.HEADER_LEN + auth + self.headroom
 

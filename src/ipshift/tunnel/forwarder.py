@@ -900,9 +900,9 @@ class QueuePump:
         sink = self._hooks.stranger
         assert sink is not None
         data = self._decapsulator.buffer
-        step = segment if 0 < segment < size else size
+        step = segment if 0 < segment < size else max(size, 1)  # an empty datagram is one too
         address = (str(sender[0]), int(sender[1]) - self.queue)
-        for start in range(0, size, step):
+        for start in range(0, max(size, 1), step):
             self.counters.strangers += 1
             try:
                 sink(address, bytes(data[start:min(start + step, size)]))

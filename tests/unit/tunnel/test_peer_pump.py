@@ -191,7 +191,7 @@ def test_a_stranger_sink_sees_each_datagram_from_no_peer_whole() -> None:
         stranger = udp.open_udp(("127.0.0.9", 0))
         try:
             datagrams = [wire.PLAIN_HEADER + udp4("198.51.100.5", "203.0.113.1", payload=b"x" * n)
-                         for n in (1, 300)]
+                         for n in (1, 300)] + [b""]
             for datagram in datagrams:
                 stranger.sendto(datagram, gw.sock.getsockname())
             pump_until_quiet(gw)
@@ -200,7 +200,7 @@ def test_a_stranger_sink_sees_each_datagram_from_no_peer_whole() -> None:
             stranger.close()
         assert written(gw) == []
         assert seen == [(("127.0.0.9", port), d) for d in datagrams]
-        assert gw.pump.counters.foreign == 2 and gw.pump.counters.strangers == 2
+        assert gw.pump.counters.foreign == 3 and gw.pump.counters.strangers == 3
 
 
 def test_a_super_packet_from_a_peer_is_checked_once_and_arrives_whole(star: Star) -> None:
