@@ -41,7 +41,8 @@ COMPONENTS: tuple[Component, ...] = (
               "two private hosts lease ports of one public address; a server behind it",
               "bench.bench_rsip"),
     Component("ilnp", "Identifier-Locator Network Protocol: mobility, multihoming, UDP proxy",
-              "ipshift.ilnp.cli"),
+              "ipshift.ilnp.cli", "ipshift.ilnp.demo",
+              "a mobile node moves ten times while pinging across a router: nothing lost"),
 )
 
 #: Commands that are not components, before and after the components in `ipshift --help`.

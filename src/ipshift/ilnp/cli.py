@@ -121,8 +121,6 @@ def register(sub: Any) -> None:
     resolve.add_argument("host")
     _add_target(resolve)
     resolve.set_defaults(handler=_resolve)
-    try:
-        from ipshift.ilnp.proxycli import add_proxy_commands
-    except ImportError:  # pragma: no cover - the proxy is part of the package
-        return
+    from ipshift.ilnp.proxycli import add_proxy_commands
+
     add_proxy_commands(actions)

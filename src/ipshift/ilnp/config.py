@@ -117,6 +117,8 @@ def parse_id64(text: object, what: str) -> int:
 
 def parse_l64(text: object, what: str) -> int:
     try:
+        if not isinstance(text, str):
+            raise TypeError(text)
         prefix = ipaddress.IPv6Network(text)
     except (ValueError, TypeError):
         raise NodeConfigError(f"{what}: {text!r} is not an IPv6 /64 prefix "
@@ -144,9 +146,11 @@ def _number(table: dict[str, Any], key: str, default: float, low: float, high: f
 
 def load(path: str | Path, netns: str | None = None) -> NodeFileConfig:
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise NodeConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise NodeConfigError(f"{path} is not UTF-8 text") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -179,24 +183,25 @@ def parse(data: dict[str, Any], netns: str | None = None) -> NodeFileConfig:
     if checksum not in ("ilnp", "ipv6"):
         raise NodeConfigError(f"checksum: \"ilnp\" (RFC 6741) or \"ipv6\", not {checksum!r}")
     nonce_size = data.get("nonce_size", 4)
-    if nonce_size not in (4, 12) or isinstance(nonce_size, bool):
+    if type(nonce_size) is not int or nonce_size not in (4, 12):
         raise NodeConfigError(f"nonce_size: 4 or 12 (RFC 6744), not {nonce_size!r}")
     preferences = _want(data.get("preferences", {}), dict, "preferences",
                         "a table interface = preference")
     for dev in preferences:
         if dev not in interfaces:
-            raise NodeConfigError(f"preferences.{dev}: not one of interfaces")
+            raise NodeConfigError(f"preferences.{_shown(dev)}: not one of interfaces")
         _number(preferences, dev, 10, 0, 0xFFFF, "preferences.", integer=True)
     discovery = _want(data.get("discovery", {}), dict, "discovery",
                       "a table (enabled, port, interval, flood)")
     unknown_discovery = set(discovery) - {"enabled", "port", "interval", "flood"}
     if unknown_discovery:
-        raise NodeConfigError(f"discovery.{sorted(unknown_discovery)[0]}: unknown; known: "
+        raise NodeConfigError(f"discovery.{_shown(sorted(unknown_discovery)[0])}: unknown; known: "
                               "enabled, port, interval, flood")
     engine = _want(data.get("engine", {}), dict, "engine", "a table of engine settings")
     for key in engine:
         if key not in ENGINE_KEYS:
-            raise NodeConfigError(f"engine.{key}: unknown; known: {', '.join(ENGINE_KEYS)}")
+            raise NodeConfigError(f"engine.{_shown(key)}: unknown; known: "
+                                  f"{', '.join(ENGINE_KEYS)}")
         if key == "lu_sequence":
             _want(engine[key], bool, "engine.lu_sequence", "true or false")
         else:
@@ -227,9 +232,21 @@ def parse(data: dict[str, Any], netns: str | None = None) -> NodeFileConfig:
     )
 
 
+def _known(table: dict[str, Any], what: str, keys: tuple[str, ...]) -> None:
+    unknown = sorted(set(table) - set(keys))
+    if unknown:
+        raise NodeConfigError(f"{what}.{_shown(unknown[0])}: unknown; known: {', '.join(keys)}")
+
+
+def _shown(key: str) -> str:
+    """A key as the user wrote it, or quoted when it holds anything odd (one line always)."""
+    return key if key.isprintable() and key.isascii() else repr(key)
+
+
 def _host(entry: Any, index: int) -> StaticHost:
     what = f"hosts[{index}]"
     _want(entry, dict, what, "a table with name, nid, locators")
+    _known(entry, what, ("name", "nid", "locators", "preference"))
     name = _want(entry.get("name"), str, f"{what}.name", "a host name")
     locators = _want(entry.get("locators"), list, f"{what}.locators", "a list of /64s")
     pref = _number(entry, "preference", 10, 0, 0xFFFF, f"{what}.", integer=True)
@@ -239,6 +256,7 @@ def _host(entry: Any, index: int) -> StaticHost:
 
 def _dns(table: Any) -> DnsSettings:
     _want(table, dict, "dns", "a table (server, zone, key_file, port, ttl, timeout)")
+    _known(table, "dns", ("server", "zone", "key_file", "port", "ttl", "timeout"))
     server = _want(table.get("server"), str, "dns.server", "the DNS server's address")
     try:
         ipaddress.ip_address(server)
@@ -256,6 +274,7 @@ def _dns(table: Any) -> DnsSettings:
 
 def _schedule(table: Any) -> Schedule:
     _want(table, dict, "schedule", "a table (sets, move_time, handoff_time)")
+    _known(table, "schedule", ("sets", "move_time", "handoff_time"))
     sets = _want(table.get("sets"), list, "schedule.sets", "a list of lists of /64s")
     parsed = tuple(tuple(parse_l64(x, "schedule.sets") for x in _want(
         s, list, "schedule.sets", "lists of /64s")) for s in sets)

@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 # payload length, next header, hop limit, source locator and NID, destination locator and NID
 _HEADER = struct.Struct("!4xHBBQQQQ")
 _DSTOPTS, _ICMPV6, _LOCATOR_UPDATE = 60, 58, 156
+# next headers that end the chain at once: no extension header, so no nonce to look for
+_UPPER_LAYER = frozenset({6, 17, 58, 132, 33, 136, 59})
 DROP_REASONS = ("malformed", "foreign_source", "not_for_us", "not_our_locator", "bad_nonce",
                 "unknown_locator", "nonce_refused")
 
@@ -103,7 +105,7 @@ class DataPath:
         self.entries: dict[int, _Entry] = {}
         self.own: frozenset[int] = frozenset()
         self.counters = dict.fromkeys(DROP_REASONS, 0)
-        self.counters.update(nonce_added=0, nonce_removed=0, to_control=0)
+        self.counters.update(nonce_added=0, nonce_removed=0, to_control=0, forwarded=0)
 
     # --- state from the engine ---------------------------------------------------------------
     @staticmethod
@@ -168,7 +170,7 @@ class DataPath:
         if dst_loc not in self.own:
             return self._drop("not_our_locator")
         nonce = None
-        if next_header == _DSTOPTS:
+        if next_header not in _UPPER_LAYER:  # extension headers: the nonce may be among them
             try:
                 nonce = find_nonce(buf, offset)
             except PacketError:
@@ -187,17 +189,35 @@ class DataPath:
                 return self._control(buf, offset, partial, self.rule)
         elif src_loc not in entry.locators:
             return self._drop("unknown_locator")
+        try:
+            if nonce is not None:  # first: a packet it cannot be taken out of is refused whole
+                packet = bytearray(remove_nonce(buf, offset))
+                rewrite_locators(packet, self.app, self.app, self.rule, 0, partial=partial)
+            else:
+                rewrite_locators(buf, self.app, self.app, self.rule, offset, partial=partial)
+        except PacketError:
+            return self._drop("malformed")
         entry.carry_first = False
         counts = self.in_by_locator
         counts[dst_loc] = counts.get(dst_loc, 0) + 1
-        try:
-            rewrite_locators(buf, self.app, self.app, self.rule, offset, partial=partial)
-        except PacketError:
-            return self._drop("malformed")
         if nonce is None:
             return FORWARD
         self.counters["nonce_removed"] += 1
-        return remove_nonce(buf, offset)
+        return bytes(packet)
+
+    def transit(self, buf: bytearray) -> tuple[int, int] | None:
+        """A router's fast path for a packet for another node (what `inbound` handed to the
+        control plane): if its destination locator is one of ours, the next hop is the
+        destination itself; the hop limit is decremented in place. None: the engine decides
+        (another router, the hop limit spent, not transit at all)."""
+        if not self.router or len(buf) < 40 or buf[0] >> 4 != 6:
+            return None
+        _, _, hop_limit, _, _, dst_loc, dst_nid = _HEADER.unpack_from(buf)
+        if dst_nid == self.nid or dst_loc not in self.own or hop_limit <= 1:
+            return None
+        buf[7] = hop_limit - 1
+        self.counters["forwarded"] += 1
+        return dst_loc, dst_nid
 
     def to_application(self, packet: bytearray) -> bytes:
         """A packet the engine accepted, in the form programs see (APP locators, no nonce),

@@ -76,8 +76,8 @@ def decode(data: bytes) -> Hello:
         raise HelloError("magic", "not an ILNP hello")
     try:
         body = json.loads(data[len(MAGIC):])
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HelloError("json", f"not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise HelloError("json", f"not JSON: {type(exc).__name__}") from None
     _field(isinstance(body, dict), "the hello is not an object")
     name, nid_text = body.get("name"), body.get("nid")
     _field(isinstance(name, str) and 0 < len(name) <= 253, "name: 1-253 characters")

@@ -242,7 +242,14 @@ class NodeService:
 
     # --- from the forwarding thread -------------------------------------------------------------
     def _from_forwarder(self, peer: Peer | None, direction: str, packet: bytes) -> None:
-        """A hook said CONTROL (forwarding thread): on to the loop."""
+        """A hook said CONTROL (forwarding thread): a router's transit goes on at once
+        (`DataPath.transit`), the rest to the loop."""
+        if direction != OUTBOUND and self.config.router:
+            buf = bytearray(packet)
+            hop = self.datapath.transit(buf)
+            if hop is not None:
+                self._send(hop, bytes(buf))
+                return
         loop = self._loop
         if loop is not None:
             loop.call_soon_threadsafe(self._control_packet, direction, packet)
