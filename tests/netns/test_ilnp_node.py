@@ -11,6 +11,8 @@ import re
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -365,3 +367,70 @@ def wait_for(check: Any, what: str, timeout: float = 10.0) -> None:
             pass
         time.sleep(0.2)
     pytest.fail(f"not within {timeout:g} s: {what}")
+
+
+# --- multihoming, the schedule, the UDP proxy over the TUN ------------------------------------
+def test_traffic_fails_over_when_a_locator_dies(lab: Lab, tmp_path: Path) -> None:
+    site = build_site(lab, tmp_path / "site", direct=True)
+    # mn multihomed on L1 (preferred) and L2
+    site.mn.ip("addr", "add", f"{ilv(2, NIDS['mn'])}/64", "dev", "l2", "nodad")
+    # the network comes back with the same address (as SLAAC with a token would make it)
+    site.mn.sysctl("net.ipv6.conf.l1.keep_addr_on_down", 1)
+    site.write_config(site.mn, "[preferences]\nl1 = 10\nl2 = 20\n")
+    site.start_all()
+    there = ping(site.cn, app_address("mn"), 300, 0.01)
+    wait_for(lambda: correspondent(site, site.cn, "mn")["using"] == "2001:db8:1:0::/64",
+             "cn using mn's preferred locator")
+    site.mn.ip("link", "set", "l1", "down")  # the preferred network dies
+    wait_for(lambda: correspondent(site, site.cn, "mn")["using"] == "2001:db8:2:0::/64",
+             "cn failing over to L2")
+    sent, got = received(there)
+    assert got >= sent - 5, f"{sent - got} of {sent} lost at the failover"
+    site.mn.ip("link", "set", "l1", "up")
+    wait_for(lambda: correspondent(site, site.cn, "mn")["using"] == "2001:db8:1:0::/64",
+             "cn back on L1 once it returns")
+
+
+def test_a_schedule_cycles_the_locators_like_the_seeds_experiments(lab: Lab,
+                                                                   tmp_path: Path) -> None:
+    site = build_site(lab, tmp_path / "site")
+    site.mn.ip("addr", "add", f"{ilv(2, NIDS['mn'])}/64", "dev", "l2", "nodad")
+    site.write_config(site.mn, '[schedule]\nsets = [["2001:db8:1::/64"], ["2001:db8:2::/64"]]\n'
+                               "move_time = 1.0\nhandoff_time = 0.3\n")
+    site.start_all()
+    there = ping(site.mn, app_address("cn"), 500, 0.01)
+    sent, got = received(there)
+    assert got == sent, f"{sent - got} of {sent} lost across the scheduled moves"
+    doc = site.status(site.mn)
+    assert doc["node"]["moves"] >= 8  # about 5 s: a soft and a full change per second
+    assert len(doc["node"]["locators"]) in (1, 2)
+    check_updates_acked(site, 4)
+
+
+def test_nc_through_the_udp_proxy_over_the_tun_while_mn_moves(direct: IlnpSite,
+                                                               tmp_path: Path) -> None:
+    from .test_ilnp_proxy_seed import APP_PORT, PROXY_PORT, exchange, netcats
+
+    need("nc")
+    site = direct
+    unix = {}
+    for node, other in ((site.mn, "cn"), (site.cn, "mn")):
+        unix[node.name] = tmp_path / f"proxy-{node.name}" / "map.sock"
+        unix[node.name].parent.mkdir(mode=0o700)
+        node.spawn([sys.executable, "-m", "ipshift", "ilnp", "proxy", str(PROXY_PORT),
+                    "--node-socket", site.socket(node), "--unix", str(unix[node.name]),
+                    "--socket", str(tmp_path / f"proxy-{node.name}.ctl")],
+                   name=f"proxy-{node.name}")
+        wait_for(lambda n=node: unix[n.name].exists(), f"the proxy on {node.name}")
+        answer = node.run([sys.executable, "-m", "ipshift", "ilnp", "proxy-create",
+                           str(APP_PORT), other, str(APP_PORT), "--unix", str(unix[node.name])],
+                          timeout=15).stdout.strip()
+        assert answer == str(PROXY_PORT)
+    with netcats((site.mn, tmp_path, "127.0.0.1", PROXY_PORT, ()),
+                 (site.cn, tmp_path, "127.0.0.1", PROXY_PORT, ())) as (at_mn, at_cn):
+        moving = threading.Thread(target=lambda: [
+            (time.sleep(1.5), site.move(soft=0.2)) for _ in range(3)])
+        moving.start()
+        exchange(at_mn, at_cn, "mn", "cn")
+        moving.join(15)
+    check_updates_acked(site, 3)

@@ -441,6 +441,13 @@ class NodeEngine:
             self._note(logging.WARNING, f"Locator Update from unknown {arrival.src_nid:#x} "
                                         "dropped")
             return self._drop("lu_unknown_correspondent")
+        pending = cn.pending
+        if arrival.nonce is not None and cn.nonce_in is None and update.operation == ACK \
+                and pending is not None and update.locators == pending.locators \
+                and update.sequence == pending.sequence and arrival.src_locator in cn.locators:
+            # a one-way flow: we never heard its nonce. An ack from a locator we hold for it,
+            # repeating our pending advertisement exactly, teaches it (checked just below)
+            cn.nonce_in = arrival.nonce
         if arrival.nonce is None or not self._nonce_ok(cn, arrival.nonce) or \
                 cn.nonce_in is None:
             self._note(logging.WARNING, f"Locator Update from {arrival.src_nid:#x} without "
@@ -597,7 +604,7 @@ class NodeEngine:
 
     def _route(self, cn: Correspondent, now: float, *, nonce: bool = False,
                count: bool = True) -> Route | None:
-        best: tuple[tuple[int, int, int], Route] | None = None
+        best: tuple[tuple[int, int, int, int], Route] | None = None
         for l64, remote in cn.live_locators(now).items():
             if l64 in self.own:
                 local, hop, direct = l64, (l64, cn.nid), 0
@@ -608,7 +615,9 @@ class NodeEngine:
                 if via is None:
                     continue
                 local, hop, direct = via[0], (via[0], via[1]), 1
-            key = (remote.preference, direct, l64)
+            # its preference first, then ours for the local end (a network we are leaving
+            # is deprecated: worse), then a shared network over a routed one
+            key = (remote.preference, self.own[local].preference, direct, l64)
             if best is None or key < best[0]:
                 carry = nonce or cn.nonce_until > now or cn.heard == float("-inf")
                 best = (key, Route(cn.nid, local, l64, hop,

@@ -365,3 +365,42 @@ def test_random_events_never_raise_and_timers_drain(events: list) -> None:  # ty
         e.handle_timer(now + 10_000)
         deadline = e.next_deadline()
         assert deadline is None or deadline > now + 10_000
+
+
+def test_a_one_way_sender_learns_the_nonce_from_the_ack_of_its_update() -> None:
+    from ipshift.ilnp.engine import ACK, Arrival, NodeConfig, NodeEngine, Own, Remote, SendUpdate
+    from ipshift.ilnp.engine import LocatorEntry as Entry
+    from ipshift.ilnp.engine import Update
+
+    l1, l2, l3 = 0x20010DB800010000, 0x20010DB800020000, 0x20010DB800030000
+    me = NodeEngine(NodeConfig(nid=0x11), random_bytes=lambda n: b"\x01" * n)
+    me.set_locators({l1: Own(10)}, 0.0)
+    me.learned(0x22, {l1: Remote(10, 600)}, 0.0)
+    assert me.outbound(0x22, b"x", 0.0) is not None  # we only send: its nonce is unknown
+    me.set_locators({l1: Own(10), l2: Own(10)}, 1.0)
+    sent = [a for a in me.actions() if isinstance(a, SendUpdate)][-1]
+    ack = Update(ACK, sent.update.locators, sent.update.sequence)
+    # a forged ack from a locator it does not have is refused, its nonce not learned
+    forged = Arrival(l3, 0x22, l1, 0x11, b"\x09" * 4, l1)
+    assert me.locator_update(forged, ack, 1.001).reason == "lu_bad_nonce"
+    assert me.ilcc[0x22].nonce_in is None
+    # a stale ack (not the pending advertisement) teaches nothing either
+    stale = Update(ACK, (Entry(l1, 10, 600),), sent.update.sequence)
+    assert me.locator_update(Arrival(l1, 0x22, l1, 0x11, b"\x07" * 4, l1), stale,
+                             1.001).reason == "lu_bad_nonce"
+    real = Arrival(l1, 0x22, l1, 0x11, b"\x07" * 4, l1)
+    assert me.locator_update(real, ack, 1.002).verdict.value == "deliver"
+    assert me.ilcc[0x22].nonce_in == b"\x07" * 4 and me.counters.lu_acked == 1
+
+
+def test_the_local_end_leaves_a_deprecated_network_first() -> None:
+    from ipshift.ilnp.engine import NodeConfig, NodeEngine, Own, Remote
+
+    l1, l2 = 0x20010DB800010000, 0x20010DB800020000
+    me = NodeEngine(NodeConfig(nid=0x11))
+    me.set_locators({l1: Own(10), l2: Own(10)}, 0.0)
+    me.learned(0x22, {l1: Remote(10, 600), l2: Remote(10, 600)}, 0.0)
+    assert me.outbound(0x22, b"x", 0.0).local == l1  # type: ignore[union-attr]
+    me.set_locators({l1: Own(110), l2: Own(10)}, 1.0)  # l1 deprecated
+    route = me.outbound(0x22, b"x", 1.0)
+    assert route is not None and (route.local, route.remote) == (l2, l2)
