@@ -368,9 +368,17 @@ def test_random_events_never_raise_and_timers_drain(events: list) -> None:  # ty
 
 
 def test_a_one_way_sender_learns_the_nonce_from_the_ack_of_its_update() -> None:
-    from ipshift.ilnp.engine import ACK, Arrival, NodeConfig, NodeEngine, Own, Remote, SendUpdate
+    from ipshift.ilnp.engine import (
+        ACK,
+        Arrival,
+        NodeConfig,
+        NodeEngine,
+        Own,
+        Remote,
+        SendUpdate,
+        Update,
+    )
     from ipshift.ilnp.engine import LocatorEntry as Entry
-    from ipshift.ilnp.engine import Update
 
     l1, l2, l3 = 0x20010DB800010000, 0x20010DB800020000, 0x20010DB800030000
     me = NodeEngine(NodeConfig(nid=0x11), random_bytes=lambda n: b"\x01" * n)
