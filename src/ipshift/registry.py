@@ -42,7 +42,8 @@ COMPONENTS: tuple[Component, ...] = (
               "bench.bench_rsip"),
     Component("ilnp", "Identifier-Locator Network Protocol: mobility, multihoming, UDP proxy",
               "ipshift.ilnp.cli", "ipshift.ilnp.demo",
-              "a mobile node moves ten times while pinging across a router: nothing lost"),
+              "a mobile node moves ten times while pinging across a router: nothing lost",
+              "bench.bench_ilnp"),
 )
 
 #: Commands that are not components, before and after the components in `ipshift --help`.

@@ -279,3 +279,28 @@ def test_rsipclient_unit(tmp_path: Path) -> None:
             if proc.running():
                 proc.stop()
             site.stop_gateway()
+
+
+def test_ilnp_unit(tmp_path: Path) -> None:
+    with Lab("unit-ilnp") as lab:
+        a, b = lab.host("a"), lab.host("b")
+        lab.link(a, b, None, None, v6=("2001:db8:1::11/64", "2001:db8:1::22/64"),
+                 name_a="l1")
+        etc = tmp_path / "etc"
+        (etc / "ilnp").mkdir(parents=True)
+        config = etc / "ilnp" / "ilnp0.toml"
+        config.write_text('name = "a"\nnid = "0000:0000:0000:0011"\ninterfaces = ["l1"]\n')
+        (etc / "ilnp" / "ilnp0.conf").write_text(f"ILNP_CONFIG={config}\n")
+        proc, manager, run_dir = run_unit(a, "ipshift-ilnp@.service", "ilnp0", tmp_path, etc)
+        try:
+            manager.wait_for("READY=1", 20)
+            doc = request(run_dir / "ilnp-ilnp0.sock", "status")
+            assert doc["daemon"]["component"] == "ilnp" and doc["daemon"]["name"] == "ilnp0"
+            assert [loc["l64"] for loc in doc["node"]["locators"]] == ["2001:db8:1:0::/64"]
+            assert "ilnp0" in a.ip("link", "show")
+            assert stop_like_systemd(proc, "ipshift-ilnp@.service") == 0, proc.stderr()
+            assert "ilnp0" not in a.ip("link", "show")
+        finally:
+            manager.close()
+            if proc.running():
+                proc.stop()

@@ -326,6 +326,8 @@ class NodeService:
             self._pump.run()
 
     def _apply(self, actions: Sequence[Any]) -> None:
+        # what goes on the wire first (a move's updates, their acks), bookkeeping after
+        actions = sorted(actions, key=lambda a: not isinstance(a, SendUpdate | Transmit))
         for action in actions:
             if isinstance(action, SendUpdate):
                 self._send_update(action)
@@ -335,8 +337,9 @@ class NodeService:
                 self._resolve(action.nid)
             elif isinstance(action, Publish):
                 self._publish()
-                if self.config.discovery:
-                    self._send_hellos(False)
+                if self.config.discovery and self._loop is not None:
+                    # after this drain: the Locator Updates of the move go first
+                    self._loop.call_soon(self._send_hellos, False)
             elif isinstance(action, Note):
                 log.log(action.level, "%s", action.text)
 
@@ -369,7 +372,9 @@ class NodeService:
 
     # --- pushing the engine's view to the data path -----------------------------------------------
     def _sync(self) -> None:
-        """Peers per next hop, then the hooks' state, from the engine's view now."""
+        """Peers per next hop, then the hooks' state, from the engine's view now. Not waited
+        for: the forwarder applies them in this order, and the loop stays free for the ack
+        that is already on its way."""
         tunnel = self.tunnel
         if tunnel is None:
             return
@@ -388,14 +393,14 @@ class NodeService:
         removals = [name for name in self._peers if name not in wanted]
         if upserts or removals:
             try:
-                tunnel.update_peers(upserts, removals)
+                tunnel.update_peers(upserts, removals, wait=False)
                 self._peers = wanted
             except ValueError as exc:
                 self.counters["peer_update_failed"] += 1
                 log.warning("cannot update the tunnel's peers: %s", exc)
         state = DataPath.encode_state(paths, self.engine.receiving(time.monotonic()))
         if state != self._pushed:
-            tunnel.update_hook_state(state)
+            tunnel.update_hook_state(state, wait=False)
             self._pushed = state
 
     def _check_tunnel(self) -> None:

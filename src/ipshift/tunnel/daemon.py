@@ -413,17 +413,20 @@ class TunnelDaemon:
         return True
 
     # --- changes while running ----------------------------------------------------------------
-    def update_peers(self, upserts: Iterable[Peer] = (), removals: Iterable[str] = ()) -> int:
+    def update_peers(self, upserts: Iterable[Peer] = (), removals: Iterable[str] = (), *,
+                     wait: bool = True) -> int:
         """Add or replace (by name) and remove peers while forwarding; returns the new table
         generation, in force in every queue when this returns. ConfigError (nothing changed)
-        for a conflicting update."""
+        for a conflicting update. wait=False (one queue only: a forwarding thread of this
+        process): return at once; the forwarder applies the changes it is handed in order,
+        so a control plane that must not stall (ILNP's) still gets them in sequence."""
         with self._update_lock:
             upserts = list(upserts)
             removals = list(removals)
             self._check_peers(upserts)
             slots = [self.table.slots[name] for name in removals if name in self.table.slots]
             table = self.table.with_peers(upserts, removals)
-            self._push_table(table)
+            self._push_table(table, wait=wait)
             # No queue counts for the removed peers any more: clear their rows for whoever
             # gets the slot next.
             for slot in slots:
@@ -463,12 +466,12 @@ class TunnelDaemon:
                             "authentication overhead (start with a keyed peer in the file); "
                             "its large packets will be fragmented", peer.name)
 
-    def _push_table(self, table: PeerTable) -> None:
+    def _push_table(self, table: PeerTable, *, wait: bool = True) -> None:
         old = self.table
         self.table = table
         if self._pump is not None and self._forwarder is not None:
             pump = self._pump
-            self._run_on_forwarder(lambda: pump.set_table(table))
+            self._run_on_forwarder(lambda: pump.set_table(table), wait=wait)
         elif self._channels:
             try:
                 message = encode_delta(table.delta_since(old))
@@ -488,20 +491,24 @@ class TunnelDaemon:
             elif self._channels:
                 self._broadcast(_KIND_REWRITE, json.dumps(rules.as_dict()).encode(), None)
 
-    def update_hook_state(self, state: Mapping[str, Any]) -> None:
-        """Hand `state` (JSON-like) to the component hooks' on_state in every queue."""
+    def update_hook_state(self, state: Mapping[str, Any], *, wait: bool = True) -> None:
+        """Hand `state` (JSON-like) to the component hooks' on_state in every queue
+        (wait=False: as for `update_peers`)."""
         hooks = self.component_hooks
         if hooks is None or hooks.on_state is None:
             raise ConfigError("the tunnel's hooks take no state")
         on_state = hooks.on_state
         with self._update_lock:
             if self._forwarder is not None:
-                self._run_on_forwarder(lambda: on_state(state))
+                self._run_on_forwarder(lambda: on_state(state), wait=wait)
             elif self._channels:
                 self._broadcast(_KIND_HOOK_STATE, json.dumps(state).encode(), None)
 
-    def _run_on_forwarder(self, call: Callable[[], None]) -> None:
+    def _run_on_forwarder(self, call: Callable[[], None], *, wait: bool = True) -> None:
         assert self._forwarder is not None
+        if not wait:
+            self._forwarder.call_soon(call)
+            return
         done = threading.Event()
 
         def run() -> None:
