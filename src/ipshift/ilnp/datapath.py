@@ -70,10 +70,11 @@ def neutral_locator(locator: int) -> int:
 
 class _Entry:
     __slots__ = ("carry_first", "carry_until", "local", "locators", "nonce_in", "nonce_out",
-                 "remote")
+                 "remote", "routed")
 
     def __init__(self, local: int, remote: int, nonce_out: bytes, nonce_in: bytes | None,
-                 carry_until: float, carry_first: bool, locators: frozenset[int]) -> None:
+                 carry_until: float, carry_first: bool, locators: frozenset[int],
+                 routed: bool = False) -> None:
         self.local = local
         self.remote = remote
         self.nonce_out = nonce_out
@@ -81,6 +82,7 @@ class _Entry:
         self.carry_until = carry_until
         self.carry_first = carry_first
         self.locators = locators
+        self.routed = routed
 
 
 class DataPath:
@@ -115,17 +117,18 @@ class DataPath:
             "own": sorted(own),
             "paths": [[p.nid, p.local, p.remote, p.nonce_out.hex(),
                        None if p.nonce_in is None else p.nonce_in.hex(),
-                       p.carry_until, p.carry_first, sorted(p.locators)]
+                       p.carry_until, p.carry_first, sorted(p.locators),
+                       p.next_hop[1] != p.nid]
                       for p in paths.values()],
         }
 
     def apply(self, state: Mapping[str, Any]) -> None:
         """Take the state `encode_state` made (the hooks' on_state)."""
         entries = {}
-        for nid, local, remote, out, into, until, first, locators in state["paths"]:
+        for nid, local, remote, out, into, until, first, locators, routed in state["paths"]:
             entries[nid] = _Entry(local, remote, bytes.fromhex(out),
                                   None if into is None else bytes.fromhex(into), until, first,
-                                  frozenset(locators))
+                                  frozenset(locators), routed)
         self.entries = entries
         self.own = frozenset(state["own"])
 
@@ -156,6 +159,17 @@ class DataPath:
             self.counters["nonce_added"] += 1
             return packet
         return FORWARD
+
+    def needs_whole(self, buf: bytearray, offset: int, peer: Peer | None = None) -> bool:
+        """Whether the tunnel must hand this packet read from TUN over whole and send it one
+        inner packet per datagram, not as a batch-framed super-packet: `outbound` will add
+        the nonce to it (its correspondent's nonce window), or it goes through a router,
+        which forwards packets one by one and cannot take a batch apart."""
+        if len(buf) - offset < 40:
+            return False
+        entry = self.entries.get(int.from_bytes(buf[offset + 32:offset + 40], "big"))
+        return entry is not None and (entry.routed or entry.carry_first
+                                      or self.clock() < entry.carry_until)
 
     def inbound(self, buf: bytearray, offset: int, partial: bool,
                 peer: Peer | None = None) -> HookResult:

@@ -130,6 +130,7 @@ class NodeService:
         self._watcher: KernelWatcher | None = None
         self._hello_sock: socket.socket | None = None
         self._peers: dict[str, Peer] = {}
+        self._peer_nids: dict[str, list[int]] = {}  # peer -> the correspondents behind it
         self._pushed: dict[str, Any] | None = None
         self._activity: dict[str, tuple[int, int]] = {}
         self._schedule_set: frozenset[int] | None = None
@@ -183,15 +184,16 @@ class NodeService:
         rt.record.settled(TUN_DEVICE)
         tunnel = TunnelDaemon(TunnelConfig(
             dev=config.device, local=Endpoint(ipaddress.IPv6Address("::"), config.port),
-            dynamic=True, serve=None, framing="packet", mtu=config.mtu, netns=config.netns,
+            dynamic=True, serve=None, framing="batch", mtu=config.mtu, netns=config.netns,
             headroom=4 + 4 * ((config.nonce_size + 4) // 4),
             addresses=(ipaddress.IPv6Interface(f"{app}/64"),)),
-            # resizes=False keeps the receive side coalescing TCP segments: the hooks replace
-            # only packets that carry a nonce, and the tunnel never coalesces packets with
-            # extension headers, so every packet they resize reaches them whole.
+            # Batch framing for direct correspondents; `whole` sends what carries the nonce
+            # and what goes through a router one packet per datagram. resizes=False keeps
+            # the receive side coalescing TCP segments: the hooks replace only packets that
+            # carry a nonce, which are sent and so received whole.
             Hooks(outbound=self.datapath.outbound, inbound=self.datapath.inbound,
                   control=self._from_forwarder, on_state=self.datapath.apply, resizes=False,
-                  stranger=self._stranger))
+                  stranger=self._stranger, whole=self.datapath.needs_whole))
         try:
             tunnel.open()
             rt.record.add(TUN_DEVICE, config.device)
@@ -383,18 +385,33 @@ class NodeService:
         for path in paths.values():
             by_hop.setdefault(path.next_hop, []).append(path.nid)
         wanted: dict[str, Peer] = {}
+        nids_of: dict[str, list[int]] = {}
+        anywhere = (ipaddress.IPv6Network("::/0"),)
         for (l64, nid), nids in by_hop.items():
             name = f"hop-{l64:016x}-{nid:016x}"
             wanted[name] = Peer(
                 name, Endpoint(wire_ilnp.ilv(l64, nid), self.config.port),
                 addresses=tuple(self.config.app_address(n) for n in sorted(nids)),
-                extra_sources=(ipaddress.IPv6Network("::/0"),))
+                extra_sources=anywhere)
+            nids_of[name] = nids
+        # A correspondent may send from another of its locators on a network we share than
+        # the one we send to (its preferences are its own): a receive-only peer for each, so
+        # its batch-framed datagrams are taken, not left to the stranger sink.
+        for path in paths.values():
+            for l64 in path.locators & set(self.engine.own):
+                if (l64, path.nid) not in by_hop:
+                    name = f"from-{l64:016x}-{path.nid:016x}"
+                    wanted[name] = Peer(name, Endpoint(wire_ilnp.ilv(l64, path.nid),
+                                                       self.config.port),
+                                        extra_sources=anywhere)
+                    nids_of[name] = [path.nid]
         upserts = [p for name, p in wanted.items() if self._peers.get(name) != p]
         removals = [name for name in self._peers if name not in wanted]
         if upserts or removals:
             try:
                 tunnel.update_peers(upserts, removals, wait=False)
                 self._peers = wanted
+                self._peer_nids = nids_of
             except ValueError as exc:
                 self.counters["peer_update_failed"] += 1
                 log.warning("cannot update the tunnel's peers: %s", exc)
@@ -413,7 +430,7 @@ class NodeService:
         if tunnel is None:
             return
         now = time.monotonic()
-        for name, peer in self._peers.items():
+        for name in self._peers:
             try:
                 counts = tunnel.peer_counters_of(name)
             except ValueError:
@@ -423,8 +440,8 @@ class NodeService:
             self._activity[name] = current
             sent, heard = current[0] > before[0], current[1] > before[1]
             if sent or heard:
-                for address in peer.addresses:
-                    self.engine.touch(int(address) & _MASK64, now, heard=heard, sent=sent)
+                for nid in self._peer_nids.get(name, ()):
+                    self.engine.touch(nid, now, heard=heard, sent=sent)
         self._step()
 
     # --- locators from the kernel and the schedule ------------------------------------------------

@@ -376,7 +376,8 @@ class TunnelDaemon:
         return Hooks(outbound=compose(component.outbound, rewrite.outbound),
                      inbound=compose(rewrite.inbound, component.inbound),
                      control=component.control, on_state=component.on_state,
-                     resizes=component.resizes, stranger=component.stranger)
+                     resizes=component.resizes, stranger=component.stranger,
+                     whole=component.whole)
 
     # --- packets of the control plane -------------------------------------------------------------
     def send_packet(self, endpoint: Endpoint, packet: bytes) -> bool:

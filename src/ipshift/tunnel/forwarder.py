@@ -594,7 +594,9 @@ class QueuePump:
         outbound = hooks.outbound
         try:
             if (gso_type and not state.raw and not hooks.resizes
-                    and not state.fallback.active(time.monotonic())):
+                    and not state.fallback.active(time.monotonic())
+                    and not (hooks.whole is not None
+                             and hooks.whole(encoder.buffer, encoder.PACKET_AT, state.peer))):
                 # The headers are in the first slot, where the hook can rewrite them.
                 if outbound is not None and not self._outbound_verdict(
                     state, encoder.buffer, encoder.PACKET_AT, size, flags,

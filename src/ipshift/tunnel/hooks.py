@@ -91,6 +91,11 @@ class Hooks:
     # segments), which costs a copy per super-packet.
     resizes: bool = False
     stranger: StrangerSink | None = None
+    # whole(buffer, offset, peer): True if the outbound hook may replace this packet read
+    # from TUN (its headers at buffer[offset:]), so batch framing must show it the whole
+    # packet and send it one inner packet per datagram: a hook that resizes only some
+    # packets (ILNP's nonce for a while after a move) keeps batch framing for the others.
+    whole: Callable[[bytearray, int, Peer], bool] | None = None
 
     def __bool__(self) -> bool:
         return self.outbound is not None or self.inbound is not None
