@@ -19,6 +19,7 @@ from ipshift.daemon.runtime import (
     Runtime,
     Service,
     StartError,
+    close_watched,
     default_socket,
     run_service,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "Runtime",
     "Service",
     "StartError",
+    "close_watched",
     "counter",
     "default_socket",
     "gauge",

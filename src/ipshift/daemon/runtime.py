@@ -358,6 +358,22 @@ def remove_protocol_routes(protocols: Iterable[str], netns: str | None) -> int:
     return count
 
 
+class _Watched(Protocol):
+    def fileno(self) -> int: ...
+    def close(self) -> None: ...
+
+
+def close_watched(loop: asyncio.AbstractEventLoop | None, thing: _Watched | None) -> None:
+    """Stop watching `thing` (a socket, a KernelWatcher: what a daemon gave to
+    `loop.add_reader`) and close it; a loop already closed or a reader never added is fine."""
+    if thing is None:
+        return
+    if loop is not None:
+        with contextlib.suppress(Exception):  # the loop may be closed, or never watched it
+            loop.remove_reader(thing.fileno())
+    thing.close()
+
+
 def default_socket(component: str, name: str) -> Path:
     return socket_path(f"{component}-{name}")
 

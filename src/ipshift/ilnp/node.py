@@ -24,7 +24,6 @@ the event loop. The hooks' state is replaced, never mutated, from the loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -35,7 +34,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ipshift.daemon import TUN_DEVICE, DaemonOptions, Metric, Runtime, StartError, counter, gauge
+from ipshift.daemon import (
+    TUN_DEVICE,
+    DaemonOptions,
+    Metric,
+    Runtime,
+    StartError,
+    close_watched,
+    counter,
+    gauge,
+)
 from ipshift.daemon import run_service as run_daemon_service
 from ipshift.daemon.pump import EnginePump
 from ipshift.daemon.runtime import default_socket
@@ -224,18 +232,9 @@ class NodeService:
         loop = self._loop
         if self._pump is not None:
             self._pump.stop()
-        if self._watcher is not None:
-            if loop is not None:
-                with contextlib.suppress(Exception):
-                    loop.remove_reader(self._watcher.fileno())
-            self._watcher.close()
-            self._watcher = None
-        if self._hello_sock is not None:
-            if loop is not None:
-                with contextlib.suppress(Exception):
-                    loop.remove_reader(self._hello_sock.fileno())
-            self._hello_sock.close()
-            self._hello_sock = None
+        close_watched(loop, self._watcher)
+        close_watched(loop, self._hello_sock)
+        self._watcher = self._hello_sock = None
         if self.tunnel is not None:
             self.tunnel.close()
             if self._rt is not None:

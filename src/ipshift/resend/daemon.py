@@ -12,7 +12,6 @@ record so that a start after a kill -9 removes what the killed one left:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from ipshift.daemon import (
     Metric,
     Runtime,
     StartError,
+    close_watched,
     counter,
     gauge,
     run_service,
@@ -143,12 +143,8 @@ class ResendDaemon:
                 sock.close()
         self._out_sock = self._in_sock = None
         self._raw.clear()
-        if self._watcher is not None:
-            if self._loop is not None:
-                with contextlib.suppress(Exception):
-                    self._loop.remove_reader(self._watcher.fileno())
-            self._watcher.close()
-            self._watcher = None
+        close_watched(self._loop, self._watcher)
+        self._watcher = None
         if self._remaps is not None:
             close_remap_table(self._rt, self._remaps)
             self._remaps = None

@@ -14,7 +14,6 @@ log.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import os
@@ -33,6 +32,7 @@ from ipshift.daemon import (
     Metric,
     Runtime,
     StartError,
+    close_watched,
     counter,
     gauge,
     run_service,
@@ -570,11 +570,8 @@ class GatewayService:
 
     # --- stop ----------------------------------------------------------------------------------
     async def stop(self) -> None:
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self._watcher.fileno())
-            self._watcher.close()
-            self._watcher = None
+        close_watched(asyncio.get_running_loop(), self._watcher)
+        self._watcher = None
         if self._route_flush is not None:
             self._flush_routes()  # the answers it holds still go out
         if self.responder is not None:

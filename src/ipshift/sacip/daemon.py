@@ -37,6 +37,7 @@ from ipshift.daemon import (
     Metric,
     Runtime,
     StartError,
+    close_watched,
     counter,
     gauge,
     run_service,
@@ -241,17 +242,10 @@ class SacipService:
     def _close_kernel(self) -> None:
         loop = self._loop
         for sock in self._sockets.values():
-            if loop is not None:
-                with contextlib.suppress(Exception):
-                    loop.remove_reader(sock.fileno())
-            sock.close()
+            close_watched(loop, sock)
         self._sockets.clear()
-        if self._queue is not None:
-            if loop is not None:
-                with contextlib.suppress(Exception):
-                    loop.remove_reader(self._queue.fileno())
-            self._queue.close()
-            self._queue = None
+        close_watched(loop, self._queue)
+        self._queue = None
         for rule in self._queue_rules:
             try:
                 rule.close()
@@ -261,12 +255,8 @@ class SacipService:
             except (NetError, OSError) as exc:
                 log.warning("removing the ICMP queue rule: %s", exc)
         self._queue_rules.clear()
-        if self._watcher is not None:
-            if loop is not None:
-                with contextlib.suppress(Exception):
-                    loop.remove_reader(self._watcher.fileno())
-            self._watcher.close()
-            self._watcher = None
+        close_watched(loop, self._watcher)
+        self._watcher = None
         if self._remaps is not None:
             close_remap_table(self._rt, self._remaps)
             self._remaps = None
