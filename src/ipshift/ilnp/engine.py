@@ -520,9 +520,11 @@ class NodeEngine:
 
     next_timer = next_deadline  # the name ipshift.daemon.EnginePump calls
 
-    def touch(self, nid: int, now: float, *, heard: bool = False, sent: bool = False) -> None:
+    def touch(self, nid: int, now: float, *, heard: bool = False, sent: bool = False,
+              packets_in: int = 0, packets_out: int = 0) -> None:
         """The data path carried packets from (`heard`) or to (`sent`) `nid` since the last
-        call: it stays an active correspondent (told of moves) and is not forgotten."""
+        call: it stays an active correspondent (told of moves) and is not forgotten; the
+        counts, where the data path can tell them apart, join the ILCC entry's."""
         cn = self.ilcc.get(nid)
         if cn is None:
             return
@@ -530,6 +532,8 @@ class NodeEngine:
             cn.heard = now
         if sent:
             cn.sent = now
+        cn.packets_in += packets_in
+        cn.packets_out += packets_out
 
     def receiving(self, now: float) -> frozenset[int]:
         """The locators packets for us may be addressed to: ours, and those we left less

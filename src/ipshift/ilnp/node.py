@@ -437,10 +437,14 @@ class NodeService:
             current = (counts.get("tun_reads", 0), counts.get("tun_writes", 0))
             before = self._activity.get(name, (0, 0))
             self._activity[name] = current
-            sent, heard = current[0] > before[0], current[1] > before[1]
+            sent, heard = max(current[0] - before[0], 0), max(current[1] - before[1], 0)
+            nids = self._peer_nids.get(name, ())
             if sent or heard:
-                for nid in self._peer_nids.get(name, ()):
-                    self.engine.touch(nid, now, heard=heard, sent=sent)
+                one = len(nids) == 1  # a next hop of one correspondent: its counts are its
+                for nid in nids:
+                    self.engine.touch(nid, now, heard=heard > 0, sent=sent > 0,
+                                      packets_in=heard if one else 0,
+                                      packets_out=sent if one else 0)
         self._step()
 
     # --- locators from the kernel and the schedule ------------------------------------------------
