@@ -476,3 +476,26 @@ def test_a_packet_a_hook_grows_past_the_batch_slot_leaves_whole() -> None:
         pump_until_quiet(p3)
         (arrived,) = written(p3)
         assert len(arrived) == 1408 and arrived[48:] == packet[40:]
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_a_hook_that_resizes_some_packets_gets_them_whole_in_batch_framing(whole: bool) -> None:
+    def copy(buf: bytearray, offset: int, partial: bool, peer: Peer) -> hooks.HookResult:
+        return bytes(buf[offset:offset + hooks.packet_length(buf, offset)])  # a replacement
+
+    gateway_hooks = Hooks(outbound=copy, whole=(lambda buf, offset, peer: True) if whole
+                          else None)
+    for made in _star(1400, gateway_hooks=gateway_hooks):
+        gw = made.gateway
+        packet, start, offset = addressed(super_packet(4, 20 * 1300, flags="PA"),
+                                          "203.0.113.1", "198.51.100.9")  # p1's
+        header = SUPER(vnet.F_NEEDS_CSUM, gso_type_for(4), start + 32, 1300, start, offset)
+        send_from_tun(gw, bytes(packet), header)
+        p1 = made.peers["p1"]
+        pump_until_quiet(p1)
+        arrived = written(p1)
+        if whole:  # the replacement of the whole packet, sent one packet per datagram
+            assert gw.pump.counters.resized == 1 and gw.pump.counters.hook_drops == 0
+            assert sum(len(p) for p in arrived) >= 20 * 1300
+        else:  # batch framing shows the hook the headers only: a replacement is refused
+            assert gw.pump.counters.hook_drops == 1 and arrived == []
