@@ -434,3 +434,32 @@ def test_nc_through_the_udp_proxy_over_the_tun_while_mn_moves(direct: IlnpSite,
         exchange(at_mn, at_cn, "mn", "cn")
         moving.join(15)
     check_updates_acked(site, 3)
+
+
+def test_a_move_to_an_ipv4_network_and_back(lab: Lab, tmp_path: Path) -> None:
+    site = build_site(lab, tmp_path / "site", direct=True)
+    sw4 = lab.switch("sw4")
+    lab.link(site.mn, sw4, None, None, name_a="l4")
+    lab.link(site.cn, sw4, "192.0.2.22/24", None, name_a="l4")
+    mapping = 'ipv4_locators = { l4 = "2001:db8:4::/64" }\n'
+    for node in (site.mn, site.cn):
+        site.write_config(node, mapping)
+    site.start_all()
+    there = ping(site.mn, app_address("cn"), 400, 0.01)
+    time.sleep(0.5)
+    # onto the IPv4 network (an address there), then off the IPv6 one
+    site.mn.ip("addr", "add", "192.0.2.11/24", "dev", "l4")
+    time.sleep(0.3)
+    site.mn.ip("addr", "del", f"{ilv(1, NIDS['mn'])}/64", "dev", "l1")
+    wait_for(lambda: correspondent(site, site.cn, "mn")["using"] == "2001:db8:4:0::/64",
+             "cn sending to mn's IPv4 network")
+    time.sleep(0.5)
+    site.mn.ip("addr", "add", f"{ilv(1, NIDS['mn'])}/64", "dev", "l1", "nodad")
+    time.sleep(0.3)
+    site.mn.ip("addr", "del", "192.0.2.11/24", "dev", "l4")
+    sent, got = received(there)
+    assert got >= sent - 4, f"{sent - got} of {sent} lost moving to IPv4 and back"
+    locators = site.status(site.mn)["node"]["locators"]
+    assert [loc["l64"] for loc in locators] == ["2001:db8:1:0::/64"]
+    assert correspondent(site, site.cn, "mn")["using"] == "2001:db8:1:0::/64"
+    check_updates_acked(site, 2)

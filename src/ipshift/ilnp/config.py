@@ -71,6 +71,7 @@ class NodeFileConfig:
     hop_limit: int = 64
     mtu: int | None = None
     preferences: dict[str, int] = field(default_factory=dict)
+    ipv4_locators: dict[str, int] = field(default_factory=dict)  # IPv4 interface -> its L64
     discovery: bool = True
     discovery_port: int = DEFAULT_DISCOVERY_PORT
     hello_interval: float = 5.0
@@ -94,7 +95,7 @@ ENGINE_KEYS = ("lu_interval", "lu_tries", "nonce_hold", "active", "idle", "resol
                "replay_window", "lu_sequence")
 _TOP = {"name", "nid", "interfaces", "device", "port", "app_locator", "checksum", "nonce_size",
         "router", "hop_limit", "mtu", "preferences", "discovery", "hosts", "dns", "schedule",
-        "engine", "log_level"}
+        "engine", "log_level", "ipv4_locators"}
 
 
 def derived_nid(name: str) -> int:
@@ -191,6 +192,15 @@ def parse(data: dict[str, Any], netns: str | None = None) -> NodeFileConfig:
         if dev not in interfaces:
             raise NodeConfigError(f"preferences.{_shown(dev)}: not one of interfaces")
         _number(preferences, dev, 10, 0, 0xFFFF, "preferences.", integer=True)
+    ipv4 = _want(data.get("ipv4_locators", {}), dict, "ipv4_locators",
+                 "a table interface = \"L64 prefix\" for IPv4 networks")
+    for dev in ipv4:
+        if dev not in interfaces:
+            raise NodeConfigError(f"ipv4_locators.{_shown(dev)}: not one of interfaces")
+    ipv4_locators = {dev: parse_l64(value, f"ipv4_locators.{_shown(dev)}")
+                     for dev, value in ipv4.items()}
+    if len(set(ipv4_locators.values())) != len(ipv4_locators):
+        raise NodeConfigError("ipv4_locators: one locator per IPv4 network")
     discovery = _want(data.get("discovery", {}), dict, "discovery",
                       "a table (enabled, port, interval, flood)")
     unknown_discovery = set(discovery) - {"enabled", "port", "interval", "flood"}
@@ -215,7 +225,7 @@ def parse(data: dict[str, Any], netns: str | None = None) -> NodeFileConfig:
         app_locator=app, checksum=checksum, nonce_size=nonce_size,
         router=_want(data.get("router", False), bool, "router", "true or false"),
         hop_limit=_number(data, "hop_limit", 64, 1, 255, "", integer=True), mtu=mtu,
-        preferences=dict(preferences),
+        preferences=dict(preferences), ipv4_locators=ipv4_locators,
         discovery=_want(discovery.get("enabled", True), bool, "discovery.enabled",
                         "true or false"),
         discovery_port=_number(discovery, "port", DEFAULT_DISCOVERY_PORT, 1, 65535,

@@ -13,6 +13,9 @@ Wire: the ASCII magic `ILNP-HELLO/1 ` and a JSON object, at most `MAX_SIZE` byte
      "router": false, "locators": [["2001:db8:1::/64", 10], ...], "interval": 5.0,
      "ttl": 3}
 
+A node on an IPv4 network (`ipv4_locators`) adds `"ipv4": [["2001:db8:44::/64", "192.0.2.5"]]`:
+the IPv4 address its datagrams for that locator go to.
+
 `decode` answers anything else with HelloError (reason `magic`, `size`, `json`, `field`).
 """
 
@@ -43,6 +46,7 @@ class Hello:
     solicit: bool = False
     interval: float = 5.0
     ttl: int = 3  # links it may still cross: routers pass it on with one less
+    ipv4: tuple[tuple[int, str], ...] = ()  # (l64, the IPv4 address it is reached at there)
 
     def encode(self) -> bytes:
         body = {
@@ -50,6 +54,8 @@ class Hello:
             "router": self.router, "interval": self.interval, "ttl": self.ttl,
             "locators": [[str(_prefix(l64)), pref] for l64, pref in self.locators],
         }
+        if self.ipv4:
+            body["ipv4"] = [[str(_prefix(l64)), address] for l64, address in self.ipv4]
         data = MAGIC + json.dumps(body, separators=(",", ":")).encode()
         if len(data) > MAX_SIZE:
             raise ValueError(f"a hello of {len(data)} bytes is over {MAX_SIZE}")
@@ -109,7 +115,23 @@ def decode(data: bytes) -> Hello:
             raise HelloError("field", f"locator {entry[0]!r} is not an IPv6 prefix") from None
         _field(prefix.prefixlen == 64, "locator: a /64")
         locators.append((int(prefix.network_address) >> 64, entry[1]))
-    return Hello(name, nid, tuple(locators), flags[0], flags[1], float(interval), ttl)
+    underlay = body.get("ipv4", [])
+    _field(isinstance(underlay, list) and len(underlay) <= MAX_LOCATORS,
+           f"ipv4: a list of at most {MAX_LOCATORS}")
+    ipv4 = []
+    for entry in underlay:
+        _field(isinstance(entry, list) and len(entry) == 2 and all(
+            isinstance(x, str) for x in entry), "ipv4: [\"PREFIX/64\", \"IPV4 ADDRESS\"]")
+        try:
+            prefix = ipaddress.IPv6Network(entry[0])
+            address = ipaddress.IPv4Address(entry[1])
+        except ValueError:
+            raise HelloError("field", f"ipv4 entry {entry!r} is not [/64, IPv4 address]") from None
+        _field(prefix.prefixlen == 64 and not (address.is_unspecified or address.is_multicast),
+               "ipv4: a /64 and a unicast IPv4 address")
+        ipv4.append((int(prefix.network_address) >> 64, str(address)))
+    return Hello(name, nid, tuple(locators), flags[0], flags[1], float(interval), ttl,
+                 tuple(ipv4))
 
 
 def _hex(text: str) -> bool:

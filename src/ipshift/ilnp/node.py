@@ -147,6 +147,9 @@ class NodeService:
         self._publish_again = False
         self._resolving: set[int] = set()
         self._locator_devs: dict[int, str] = {}
+        # IPv4 networks: (l64, nid) -> the node's IPv4 address there (hellos; ours: found)
+        self._ipv4: dict[tuple[int, int], ipaddress.IPv4Address] = {}
+        self._own_ipv4: dict[int, ipaddress.IPv4Address] = {}
 
     # --- start / stop ------------------------------------------------------------------------
     async def start(self, rt: Runtime) -> None:
@@ -192,6 +195,8 @@ class NodeService:
         rt.record.settled(TUN_DEVICE)
         tunnel = TunnelDaemon(TunnelConfig(
             dev=config.device, local=Endpoint(ipaddress.IPv6Address("::"), config.port),
+            extra_local=(Endpoint(ipaddress.IPv4Address("0.0.0.0"), config.port)
+                         if config.ipv4_locators else None),
             dynamic=True, serve=None, framing="batch", mtu=config.mtu, netns=config.netns,
             headroom=4 + 4 * ((config.nonce_size + 4) // 4),
             addresses=(ipaddress.IPv6Interface(f"{app}/64"),)),
@@ -366,10 +371,17 @@ class NodeService:
             return
         self._send(route.next_hop, data)
 
+    def _endpoint(self, l64: int, nid: int) -> Endpoint:
+        """Where the node (l64, nid) takes datagrams: its I-LV, or on an IPv4 network the
+        IPv4 address its hellos gave for that locator."""
+        v4 = self._ipv4.get((l64, nid))
+        if v4 is not None:
+            return Endpoint(v4, self.config.port)
+        return Endpoint(wire_ilnp.ilv(l64, nid), self.config.port)
+
     def _send(self, hop: tuple[int, int], packet: bytes) -> None:
         if self.tunnel is not None:
-            address = wire_ilnp.ilv(*hop)
-            self.tunnel.send_packet(Endpoint(address, self.config.port), packet)
+            self.tunnel.send_packet(self._endpoint(*hop), packet)
 
     # --- pushing the engine's view to the data path -----------------------------------------------
     def _sync(self) -> None:
@@ -389,7 +401,7 @@ class NodeService:
         for (l64, nid), nids in by_hop.items():
             name = f"hop-{l64:016x}-{nid:016x}"
             wanted[name] = Peer(
-                name, Endpoint(wire_ilnp.ilv(l64, nid), self.config.port),
+                name, self._endpoint(l64, nid),
                 addresses=tuple(self.config.app_address(n) for n in sorted(nids)),
                 extra_sources=anywhere)
             nids_of[name] = nids
@@ -400,8 +412,7 @@ class NodeService:
             for l64 in path.locators & set(self.engine.own):
                 if (l64, path.nid) not in by_hop:
                     name = f"from-{l64:016x}-{path.nid:016x}"
-                    wanted[name] = Peer(name, Endpoint(wire_ilnp.ilv(l64, path.nid),
-                                                       self.config.port),
+                    wanted[name] = Peer(name, self._endpoint(l64, path.nid),
                                         extra_sources=anywhere)
                     nids_of[name] = [path.nid]
         upserts = [p for name, p in wanted.items() if self._peers.get(name) != p]
@@ -463,9 +474,18 @@ class NodeService:
         view = self._watcher.view
         found: dict[int, Own] = {}
         self._locator_devs = {}
+        self._own_ipv4 = {}
         for dev in self.config.interfaces:
             link = view.link(dev)
             if link is None or not link.up or not link.carrier:
+                continue
+            v4_locator = self.config.ipv4_locators.get(dev)
+            if v4_locator is not None:  # an IPv4 network: its address carries the locator
+                v4 = [a for a in view.addresses_of(dev, socket.AF_INET) if a.scope == 0]
+                if v4:
+                    found[v4_locator] = Own(self.config.preferences.get(dev, 10))
+                    self._locator_devs[v4_locator] = dev
+                    self._own_ipv4[v4_locator] = ipaddress.IPv4Address(v4[0].address)
                 continue
             for address in view.addresses_of(dev, socket.AF_INET6):
                 value = int(ipaddress.IPv6Address(address.address.partition("%")[0]))
@@ -515,7 +535,9 @@ class NodeService:
             self.config.name, self.config.nid,
             tuple((e.l64, e.preference) for e in self.engine.advertised()),
             router=self.config.router, solicit=solicit,
-            interval=self.config.hello_interval).encode()
+            interval=self.config.hello_interval,
+            ipv4=tuple((l64, str(a)) for l64, a in sorted(self._own_ipv4.items())
+                       if l64 in self.engine.own)).encode()
 
     def _send_hellos(self, solicit: bool) -> None:
         self._flood(self._hello(solicit), None)
@@ -563,6 +585,8 @@ class NodeService:
         lifetime = 3 * hello.interval
         self.neighbours[hello.nid] = Neighbour(hello.name, hello.nid, dict(hello.locators),
                                                hello.router, now + lifetime)
+        for l64, address in hello.ipv4:
+            self._ipv4[(l64, hello.nid)] = ipaddress.IPv4Address(address)
         if hello.nid in self.engine.ilcc:
             self.engine.learned(hello.nid, {l64: Remote(pref, lifetime, "hello")
                                             for l64, pref in hello.locators}, now)
@@ -720,6 +744,8 @@ class NodeService:
                 "checksum": self.config.checksum, "router": self.config.router,
                 "locators": [{"l64": l64_text(l64), "preference": own.preference,
                               "interface": self._locator_devs.get(l64),
+                              "ipv4": (str(self._own_ipv4[l64]) if l64 in self._own_ipv4
+                                       else None),
                               "packets_out": self.datapath.out_by_locator.get(l64, 0),
                               "packets_in": self.datapath.in_by_locator.get(l64, 0)}
                              for l64, own in sorted(engine.own.items())],

@@ -66,10 +66,13 @@ def _set_buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
 
 
 def _open_here(
-    local: Address, remote: Address | None, gro: bool, buffer_bytes: int, reuse_port: bool
+    local: Address, remote: Address | None, gro: bool, buffer_bytes: int, reuse_port: bool,
+    v6only: bool = False,
 ) -> socket.socket:
     sock = socket.socket(family_of(str(local[0])), socket.SOCK_DGRAM)
     try:
+        if v6only and sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if buffer_bytes:
@@ -94,10 +97,13 @@ def open_udp(
     buffer_bytes: int = 8 << 20,
     reuse_port: bool = False,
     netns_name: str | None = None,
+    v6only: bool = False,
 ) -> socket.socket:
     """A UDP socket bound to `local` (and connected to `remote` when given) in namespace
-    netns_name, with UDP_GRO on and large buffers. The family follows the local address."""
-    return netns.call_in(netns_name, _open_here, local, remote, gro, buffer_bytes, reuse_port)
+    netns_name, with UDP_GRO on and large buffers. The family follows the local address.
+    v6only: an IPv6 socket takes IPv6 only (beside an IPv4 socket on the same port)."""
+    return netns.call_in(netns_name, _open_here, local, remote, gro, buffer_bytes, reuse_port,
+                         v6only)
 
 
 def send_segments(

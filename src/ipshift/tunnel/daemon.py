@@ -182,7 +182,11 @@ class TunnelDaemon:
                           if config.remote is not None and
                           config.remote.family == endpoint.family else None)
                 try:
-                    self.sockets.append(udp.open_udp(local, remote, netns_name=config.netns))
+                    # with an endpoint of each family, each socket takes its own: the IPv6
+                    # one must not also claim the IPv4 port (a wildcard is dual-stack)
+                    self.sockets.append(udp.open_udp(
+                        local, remote, netns_name=config.netns,
+                        v6only=config.extra_local is not None))
                 except OSError as exc:
                     raise TunnelError(
                         f"cannot use UDP {local[0]} port {local[1]}: {exc.strerror} (is the "
