@@ -463,3 +463,20 @@ def test_a_move_to_an_ipv4_network_and_back(lab: Lab, tmp_path: Path) -> None:
     assert [loc["l64"] for loc in locators] == ["2001:db8:1:0::/64"]
     assert correspondent(site, site.cn, "mn")["using"] == "2001:db8:1:0::/64"
     check_updates_acked(site, 2)
+
+
+def test_the_plain_ipv6_checksum_rule_carries_tcp_and_icmp(lab: Lab, tmp_path: Path) -> None:
+    need("iperf3")
+    site = build_site(lab, tmp_path / "site", direct=True)
+    for node in (site.mn, site.cn, site.r):
+        site.write_config(node, checksum="ipv6")
+    site.start_all()
+    sent, got = received(ping(site.mn, app_address("cn"), 20, 0.02))
+    assert got == sent
+    site.cn.spawn(["iperf3", "-s", "-1", "-B", app_address("cn"), "-p", "5202"], name="s")
+    site.cn.wait_listening(5202)
+    client = site.mn.run(["iperf3", "-c", app_address("cn"), "-p", "5202", "-t", "2", "-J"],
+                         timeout=30)
+    doc = json.loads(client.stdout)
+    assert doc["end"]["sum_received"]["bytes"] > 10_000_000
+    assert doc["end"]["sum_sent"]["retransmits"] < 50
