@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import RESULTS_DIR, Context, Row, benchmark
+from ipshift.ilnp.engine import NodeConfig
 from ipshift.lab import Lab
 from ipshift.lab.ilnp_site import NIDS, IlnpSite, app_address, build_site, ilv
 from ipshift.lab.topology import LabError, LabProcess, Node
@@ -64,7 +65,7 @@ NUMBERED_INTERVAL = 0.001  # the plotted numbered stream: 1,000 datagrams/s
 POLL = 0.1  # s between status polls for the per-locator plot
 TARGET_SHARE = 0.30  # TCP through ilnp0 >= 30 % of the veth path
 TARGET_LU_MS = 2.0
-NONCE_WINDOW = 2.0  # the engine's nonce_hold default
+NONCE_WINDOW = NodeConfig(nid=1).nonce_hold  # the engine's default
 
 
 # --- iperf3 ----------------------------------------------------------------------------------

@@ -69,12 +69,12 @@ def neutral_locator(locator: int) -> int:
 
 
 class _Entry:
-    __slots__ = ("carry_first", "carry_until", "local", "locators", "nonce_in", "nonce_out",
-                 "remote", "routed")
+    __slots__ = ("carry_first", "carry_pending", "carry_until", "local", "locators",
+                 "nonce_in", "nonce_out", "remote", "routed")
 
     def __init__(self, local: int, remote: int, nonce_out: bytes, nonce_in: bytes | None,
                  carry_until: float, carry_first: bool, locators: frozenset[int],
-                 routed: bool = False) -> None:
+                 routed: bool = False, carry_pending: bool = False) -> None:
         self.local = local
         self.remote = remote
         self.nonce_out = nonce_out
@@ -83,6 +83,7 @@ class _Entry:
         self.carry_first = carry_first
         self.locators = locators
         self.routed = routed
+        self.carry_pending = carry_pending  # until our update is acked (not cleared here)
 
 
 class DataPath:
@@ -118,17 +119,18 @@ class DataPath:
             "paths": [[p.nid, p.local, p.remote, p.nonce_out.hex(),
                        None if p.nonce_in is None else p.nonce_in.hex(),
                        p.carry_until, p.carry_first, sorted(p.locators),
-                       p.next_hop[1] != p.nid]
+                       p.next_hop[1] != p.nid, p.carry_pending]
                       for p in paths.values()],
         }
 
     def apply(self, state: Mapping[str, Any]) -> None:
         """Take the state `encode_state` made (the hooks' on_state)."""
         entries = {}
-        for nid, local, remote, out, into, until, first, locators, routed in state["paths"]:
+        for nid, local, remote, out, into, until, first, locators, routed, pending in \
+                state["paths"]:
             entries[nid] = _Entry(local, remote, bytes.fromhex(out),
                                   None if into is None else bytes.fromhex(into), until, first,
-                                  frozenset(locators), routed)
+                                  frozenset(locators), routed, pending)
         self.entries = entries
         self.own = frozenset(state["own"])
 
@@ -150,7 +152,7 @@ class DataPath:
             return self._drop("malformed")
         counts = self.out_by_locator
         counts[entry.local] = counts.get(entry.local, 0) + 1
-        if entry.carry_first or self.clock() < entry.carry_until:
+        if entry.carry_first or entry.carry_pending or self.clock() < entry.carry_until:
             try:
                 packet = insert_nonce(buf, entry.nonce_out, offset)
             except PacketError:  # a fragment, AH, too big: it goes without
@@ -168,7 +170,7 @@ class DataPath:
         if len(buf) - offset < 40:
             return False
         entry = self.entries.get(int.from_bytes(buf[offset + 32:offset + 40], "big"))
-        return entry is not None and (entry.routed or entry.carry_first
+        return entry is not None and (entry.routed or entry.carry_first or entry.carry_pending
                                       or self.clock() < entry.carry_until)
 
     def inbound(self, buf: bytearray, offset: int, partial: bool,

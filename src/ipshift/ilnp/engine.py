@@ -25,7 +25,9 @@ Decisions (RFC points left open, decided once):
   one nonce for both directions) and then is the peer's. A Locator Update without the peer's
   nonce, or with another, is a forgery: dropped, counted, logged. Our packets carry our nonce
   until the peer's first packet arrives (a session we start) or for `nonce_hold` (one it
-  starts), and after a move (ours or theirs) for `nonce_hold`, at least 3 round-trip times.
+  starts), and after a move (ours or theirs) for `nonce_hold` (0.5 s), at least 3 round-trip
+  times, and in any case until our Locator Update is acknowledged (a lost update must not
+  leave our packets from a new locator without the nonce that vouches for them).
 - A data packet from a known correspondent at a locator we do not have for it is accepted only
   with the right nonce (it may have moved before its LU reached us); without one it is
   dropped (`unknown_locator`): a spoofer cannot inject by guessing a NID.
@@ -87,7 +89,8 @@ class NodeConfig:
     nonce_size: int = 4           # bytes: 4 or 12 (RFC 6744)
     lu_interval: float = 0.25     # s: the n-th retry goes n x this after the one before
     lu_tries: int = 7
-    nonce_hold: float = 2.0       # s of nonce in every packet after a move (>= 3 RTT)
+    nonce_hold: float = 0.5       # s of nonce in every packet after a move (>= 3 RTT, and
+    #                               while our update is not acked)
     active: float = 120.0         # s: a correspondent heard from or sent to is told of moves
     idle: float = 600.0           # s: an ILCC entry this idle is forgotten
     resolve_wait: float = 5.0     # s a packet may wait for its correspondent's locators
@@ -159,7 +162,8 @@ class Path:
     from `local` for `remote`, handed to `next_hop`; ours carry `nonce_out` until
     `carry_until` (and until its first packet if `carry_first`); packets from it are taken
     from `locators`, or from elsewhere with one of the two nonces (then the engine learns
-    the new locator)."""
+    the new locator). `carry_pending`: our Locator Update to it is not acked yet (the nonce
+    rides whatever the time)."""
 
     nid: int
     local: int
@@ -170,6 +174,7 @@ class Path:
     carry_until: float
     carry_first: bool
     locators: frozenset[int]
+    carry_pending: bool = False
 
 
 class Verdict(Enum):
@@ -463,8 +468,10 @@ class NodeEngine:
                 return self._drop("lu_stale_ack")
             latency = now - pending.first_sent
             self.lu_latencies.append(latency)
-            cn.rtt = latency if cn.rtt is None else 0.875 * cn.rtt + 0.125 * latency
+            if pending.tries == 1:  # Karn: a retransmitted update's ack is no RTT sample
+                cn.rtt = latency if cn.rtt is None else 0.875 * cn.rtt + 0.125 * latency
             cn.pending = None
+            cn.nonce_until = max(cn.nonce_until, now + self._hold(cn))  # what is in flight
             self.counters.lu_acked += 1
             return Decision(Verdict.DELIVER)
         if update.operation != ADVERTISE:
@@ -554,7 +561,7 @@ class NodeEngine:
             out[cn.nid] = Path(
                 nid=cn.nid, local=route.local, remote=route.remote, next_hop=route.next_hop,
                 nonce_out=cn.nonce_out, nonce_in=cn.nonce_in, carry_until=cn.nonce_until,
-                carry_first=cn.heard == float("-inf"),
+                carry_first=cn.heard == float("-inf"), carry_pending=cn.pending is not None,
                 locators=frozenset(cn.live_locators(now)))
         return out
 
@@ -623,7 +630,8 @@ class NodeEngine:
             # is deprecated: worse), then a shared network over a routed one
             key = (remote.preference, self.own[local].preference, direct, l64)
             if best is None or key < best[0]:
-                carry = nonce or cn.nonce_until > now or cn.heard == float("-inf")
+                carry = (nonce or cn.nonce_until > now or cn.heard == float("-inf")
+                         or cn.pending is not None)
                 best = (key, Route(cn.nid, local, l64, hop,
                                    cn.nonce_out if carry else None))
         return None if best is None else best[1]

@@ -412,3 +412,35 @@ def test_the_local_end_leaves_a_deprecated_network_first() -> None:
     me.set_locators({l1: Own(110), l2: Own(10)}, 1.0)  # l1 deprecated
     route = me.outbound(0x22, b"x", 1.0)
     assert route is not None and (route.local, route.remote) == (l2, l2)
+
+
+def test_the_nonce_rides_until_our_update_is_acked_and_nonce_hold_after() -> None:
+    from ipshift.ilnp.engine import (
+        ACK,
+        Arrival,
+        NodeConfig,
+        NodeEngine,
+        Own,
+        Remote,
+        SendUpdate,
+        Update,
+    )
+
+    l1, l2 = 0x20010DB800010000, 0x20010DB800020000
+    me = NodeEngine(NodeConfig(nid=0x11, nonce_hold=0.5), random_bytes=lambda n: b"\x01" * n)
+    me.set_locators({l1: Own(10)}, 0.0)
+    me.learned(0x22, {l1: Remote(10, 600), l2: Remote(10, 600)}, 0.0)
+    me.outbound(0x22, b"x", 0.0)
+    me.inbound(Arrival(l1, 0x22, l1, 0x11, b"\x02" * 4, l1), 0.1)  # its nonce, its answer
+    assert me.outbound(0x22, b"x", 5.0).nonce is None  # type: ignore[union-attr]
+    me.set_locators({l2: Own(10)}, 10.0)  # a move: its update is lost, no ack for a while
+    sent = [a for a in me.actions() if isinstance(a, SendUpdate)][-1]
+    me.handle_timer(10.3)
+    me.handle_timer(10.8)  # two retries, still no ack
+    assert me.outbound(0x22, b"x", 12.0).nonce == b"\x01" * 4  # type: ignore[union-attr]
+    assert me.paths(12.0)[0x22].carry_pending
+    ack = Update(ACK, sent.update.locators, sent.update.sequence)
+    me.locator_update(Arrival(l2, 0x22, l2, 0x11, b"\x02" * 4, l2), ack, 12.0)
+    assert not me.paths(12.1)[0x22].carry_pending
+    assert me.outbound(0x22, b"x", 12.1).nonce is not None  # type: ignore[union-attr]
+    assert me.outbound(0x22, b"x", 13.0).nonce is None  # type: ignore[union-attr]
