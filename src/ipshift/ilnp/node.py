@@ -258,7 +258,9 @@ class NodeService:
                 return
         loop = self._loop
         if loop is not None:
-            loop.call_soon_threadsafe(self._control_packet, direction, packet)
+            # the event's time is when it arrived, not when the loop gets to it
+            loop.call_soon_threadsafe(self._control_packet, direction, packet,
+                                      time.monotonic())
 
     def _stranger(self, sender: tuple[str, int], datagram: bytes) -> None:
         """A datagram from an endpoint no peer has (forwarding thread): a correspondent that
@@ -282,9 +284,9 @@ class NodeService:
             tunnel.deliver(bytes(verdict))  # type: ignore[arg-type]
 
     # --- on the loop: what the hooks handed over --------------------------------------------------
-    def _control_packet(self, direction: str, packet: bytes) -> None:
+    def _control_packet(self, direction: str, packet: bytes, arrived: float) -> None:
         self.counters["control_packets"] += 1
-        now = time.monotonic()
+        now = arrived
         try:
             if direction == OUTBOUND:
                 self._outbound(packet, now)
