@@ -345,6 +345,11 @@ def test_dns_records_follow_moves_and_resolve_correspondents(lab: Lab, tmp_path:
         wait_for(lambda: l64s("mn.ilnp.test.") == [0x20010DB800010000], "mn published")
         answer = site.ctl(site.cn, "resolve", "mn")
         assert app_address("mn") in answer and "dns" in answer
+        unknown = site.cn.run([sys.executable, "-m", "ipshift", "ilnp", "resolve", "nobody",
+                               "--socket", site.socket(site.cn)], timeout=20, check=False)
+        assert unknown.returncode != 0 and "nobody" in unknown.stderr
+        assert len(unknown.stderr.strip().splitlines()) == 1, unknown.stderr
+        assert "Traceback" not in site.daemons["cn"].stderr()
         site.move(soft=0.2)
         site.mn.ip("-6", "route", "replace", "default", "via", ilv(2, NIDS["r"]))
         wait_for(lambda: l64s("mn.ilnp.test.") == [0x20010DB800020000], "mn's move published")

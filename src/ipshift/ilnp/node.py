@@ -34,6 +34,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ipshift.ctl.protocol import CtlError
 from ipshift.daemon import (
     TUN_DEVICE,
     DaemonOptions,
@@ -676,7 +677,7 @@ class NodeService:
         the DNS), for the UDP proxy and for people."""
         name = params.get("name")
         if not isinstance(name, str) or not name:
-            raise ValueError("resolve needs name=HOSTNAME")
+            raise CtlError("bad-request", "resolve needs name=HOSTNAME")
         known = self._by_name(name)
         if known is not None:
             nid: int | None = known.nid
@@ -688,7 +689,8 @@ class NodeService:
             nid = None
             source = ""
         if nid is None:
-            raise ValueError(f"{name}: not found (not discovered, not configured"
+            # an answer, not a failure of the daemon: no traceback in its log
+            raise CtlError("not-found", f"{name}: not found (not discovered, not configured"
                              f"{', not in the DNS' if self.config.dns else ''})")
         return {"name": name, "nid": nid_text(nid),
                 "address": str(self.config.app_address(nid)), "source": source}
